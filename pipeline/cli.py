@@ -1,0 +1,161 @@
+"""The `vitpipe` command: parse arguments, load and validate the recipe, call a stage.
+
+Every subcommand takes a recipe YAML and ``key=value`` overrides (``pretrain.steps=50``); the
+config is validated before any work starts. Stage subcommands default their inputs and outputs to
+the layout `vitpipe run` uses (``runs/<recipe name>/<stage>/``), so a run can be continued stage by stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+stages and their files (see docs in ARCHITECTURE.md):
+  prepare    images            -> prepare/shards/*.tar + prepare/manifest.json
+  pretrain   manifest          -> pretrain/model.safetensors + model.json (+ checkpoints/)
+  finetune   weights, manifest -> finetune/model.safetensors + model.json at the new resolution
+  export     weights, manifest -> export/model.onnx + model.onnx.json (parity-checked)
+  benchmark  model.onnx        -> benchmark/bench.json (onnxruntime vs PyTorch eager)
+  run        all of the above in order, plus summary.json
+
+example: vitpipe run configs/pipeline/demo.yaml pretrain.steps=50 model.depth=4
+tracking: MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///./mlflow.db (view with `mlflow ui`)"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/pipeline/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.steps=50")
+    p.add_argument("--workdir", type=Path, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--force", action="store_true", help="rerun even if the outputs are up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="vitpipe",
+        description="Pre-train a Vision Transformer on sharded images with DeepSpeed ZeRO, fine-tune it at a "
+        "higher resolution, export it to ONNX and benchmark it; every stage tracked in MLflow.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("run", help="run every stage of a recipe in order",
+                       description="Run the recipe's stages (prepare, pretrain, finetune, export, benchmark) in "
+                       "one working directory under one MLflow parent run, one nested run per stage. Writes "
+                       "<workdir>/<stage>/... and <workdir>/summary.json; prints the summary table.")
+    _add_common(p)
+
+    p = sub.add_parser("prepare", help="images -> WebDataset shards + manifest",
+                       description="Read the image source named by data.* (mnist5k, digits, or a folder tree "
+                       "root/<class>/<image>) and write <out>/shards/{train,val}-NNNNNN.tar and <out>/manifest.json.")
+    _add_common(p)
+    p.add_argument("--out", type=Path, help="output folder (default <workdir>/prepare)")
+
+    for name, what in (("pretrain", "pre-train from scratch with DeepSpeed ZeRO"),
+                       ("finetune", "fine-tune a weights pair at a higher resolution")):
+        p = sub.add_parser(name, help=what, description=(
+            f"{what[0].upper() + what[1:]}: stream the train shards of --manifest on {name}.ranks local "
+            "processes; write <out>/checkpoints/, <out>/model.safetensors (consolidated fp32) and <out>/model.json."
+            + (" Reads the weights pair --init (default <workdir>/pretrain/model.safetensors), resamples its "
+               "position embeddings to finetune.image_size and replaces the head." if name == "finetune" else "")))
+        _add_common(p)
+        p.add_argument("--manifest", type=Path, help="manifest.json (default <workdir>/prepare/manifest.json)")
+        if name == "finetune":
+            p.add_argument("--init", type=Path, help="weights pair to start from")
+        p.add_argument("--out", type=Path, help=f"output folder (default <workdir>/{name})")
+
+    p = sub.add_parser("export", help="weights pair -> parity-checked ONNX",
+                       description="Export --weights to <out>/model.onnx (dynamic batch axis) and <out>/model.onnx.json; "
+                       "fails if onnxruntime and PyTorch disagree on held-out images from --manifest.")
+    _add_common(p)
+    p.add_argument("--weights", type=Path, help="model.safetensors (default <workdir>/finetune/model.safetensors)")
+    p.add_argument("--manifest", type=Path, help="manifest.json with a val split (default <workdir>/prepare/manifest.json)")
+    p.add_argument("--out", type=Path, help="output folder (default <workdir>/export)")
+
+    p = sub.add_parser("benchmark", help="onnxruntime latency/throughput vs PyTorch eager",
+                       description="Benchmark --onnx with onnxruntime (GPU providers first when present) at "
+                       "benchmark.batch_sizes, with PyTorch eager on --weights as the baseline; write <out>/bench.json.")
+    _add_common(p)
+    p.add_argument("--onnx", type=Path, help="model.onnx (default <workdir>/export/model.onnx)")
+    p.add_argument("--weights", type=Path, help="PyTorch baseline weights (default <workdir>/finetune/model.safetensors)")
+    p.add_argument("--out", type=Path, help="output folder (default <workdir>/benchmark)")
+
+    p = sub.add_parser("config", help="print the resolved, validated config",
+                       description="Load the recipe with its base files and overrides, validate it and print it as YAML.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def _tracker(cfg, name: str):
+    from pipeline.track import start_tracker
+
+    return start_tracker(cfg.tracking, run_name=f"{cfg.name}/{name}", tags={"vitpipe.stage": name})
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command."""
+    import yaml
+
+    from pipeline.config import load_config, to_dict
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.command == "config":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    workdir = args.workdir or Path("runs") / cfg.name
+    if args.command == "run":
+        from stages import recipe
+
+        recipe.run(cfg, workdir, force=args.force)
+        return 0
+
+    from stages import benchmark, export, finetune, prepare, pretrain
+
+    dirs = {s: workdir / s for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
+    out = args.out or dirs[args.command]
+    manifest = getattr(args, "manifest", None) or dirs["prepare"] / "manifest.json"
+    weights = getattr(args, "weights", None) or dirs["finetune"] / "model.safetensors"
+    tracker = _tracker(cfg, args.command)
+    status = "FAILED"
+    try:
+        if args.command == "prepare":
+            result = prepare.run(cfg.data, out, tracker, args.force)
+        elif args.command == "pretrain":
+            result = pretrain.run(cfg.model, cfg.pretrain, manifest, out, tracker, args.force)
+        elif args.command == "finetune":
+            init = args.init or cfg.finetune.init_from or dirs["pretrain"] / "model.safetensors"
+            result = finetune.run(cfg.finetune, manifest, init, out, tracker, args.force)
+        elif args.command == "export":
+            result = export.run(cfg.export, weights, manifest, out, tracker, args.force)
+        else:
+            onnx_path = args.onnx or dirs["export"] / "model.onnx"
+            result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vitpipe` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.data.manifest import DataError
+
+    try:
+        return dispatch(args)
+    except ConfigError as e:
+        print(f"vitpipe: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"vitpipe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vitpipe: interrupted", file=sys.stderr)
+        return 130

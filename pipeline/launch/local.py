@@ -1,0 +1,58 @@
+"""Run a training job as N local processes with torchrun (one per GPU, or gloo ranks on CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    """A training job whose processes did not all finish cleanly."""
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def worker_env(nprocs: int) -> dict[str, str]:
+    """Environment for the ranks: DeepSpeed's CPU accelerator without GPUs, a fair thread share."""
+    env = dict(os.environ)
+    if not _has_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    cores = os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(nprocs, 1))))
+    # Make the package importable in the children even when it is used from a source tree.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def torchrun_command(nprocs: int, job_path: Path) -> list[str]:
+    """The torchrun command line for one node with `nprocs` ranks (rendezvous on a free local port)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", f"--nproc_per_node={nprocs}",
+        "-m", "pipeline.train.worker", "--job", str(job_path),
+    ]
+
+
+def launch_local(job_path: Path, nprocs: int, log_path: Path) -> None:
+    """Run the job on `nprocs` local ranks; output goes to the console and to `log_path`."""
+    cmd = torchrun_command(nprocs, job_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=worker_env(nprocs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if line.startswith(("[pretrain]", "[finetune]")):  # our progress lines, not library chatter
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        code = proc.wait()
+    if code != 0:
+        raise LaunchError(f"training processes failed (exit {code}); full log: {log_path}")

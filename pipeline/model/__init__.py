@@ -1,0 +1,1 @@
+"""The ViT model (torch only: nothing distributed, no tracking)."""

@@ -1,0 +1,202 @@
+"""The consolidated "weights pair": ``model.safetensors`` (fp32 state dict) + ``model.json`` (metadata).
+
+This is the model-only file that fine-tune, export and benchmark read; resumable training state
+lives elsewhere. ``model.json`` is written last, so a pair whose json exists is complete.
+
+model.json keys: "format" ("vitpipe.weights/1"), "architecture" (the ModelConfig fields),
+"image_size" [h, w], "num_classes", "class_names", "mean", "std", "pos_embed_interp", plus any
+extra keys the caller adds (e.g. "stage", "metrics").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ModelConfig, from_dict, validate_model
+from pipeline.model.pos_embed import resample_pos_embed
+from pipeline.model.vit import VisionTransformer, build_model
+
+FORMAT = "vitpipe.weights/1"
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "model.json"
+REQUIRED_META = ("architecture", "image_size", "num_classes")
+
+
+def weights_meta(
+    cfg: ModelConfig,
+    image_size: int | Sequence[int],
+    num_classes: int,
+    class_names: Optional[Sequence[str]] = None,
+    **extra: Any,
+) -> dict:
+    """The model.json content for a model built from `cfg`; `extra` keys (stage, metrics...) are kept."""
+    size = [image_size, image_size] if isinstance(image_size, int) else [int(s) for s in image_size]
+    return {
+        "format": FORMAT,
+        "architecture": dataclasses.asdict(cfg),
+        "image_size": size,
+        "num_classes": int(num_classes),
+        "class_names": list(class_names) if class_names is not None else None,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "pos_embed_interp": cfg.pos_embed_interp,
+        **extra,
+    }
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    # Temp name in the same directory so os.replace is a same-filesystem atomic rename.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_weights_pair(out_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Atomically write model.safetensors (fp32, contiguous) and then model.json into `out_dir`; return the .safetensors path."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"weights meta is missing {missing}; build it with weights_meta(...)")
+    meta = {**meta, "format": FORMAT}
+    text = json.dumps(meta, indent=2, sort_keys=True)  # serialize first: a bad meta writes nothing
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach()
+        # copy=True: ZeRO params can be views into one flat buffer, which safetensors refuses to save.
+        dtype = torch.float32 if v.is_floating_point() else v.dtype
+        tensors[k] = v.to(device="cpu", dtype=dtype, copy=True).contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_NAME
+    _atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(out_dir / META_NAME, lambda p: p.write_text(text + "\n"))
+    return weights
+
+
+def _pair_paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.is_dir():
+        return path / WEIGHTS_NAME, path / META_NAME
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors"), path
+    raise ValueError(f"{path}: expected a weights-pair directory, a .safetensors or a .json file")
+
+
+def read_weights_pair(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a weights pair from its directory, .safetensors or .json path -> (state_dict, meta)."""
+    weights, meta_path = _pair_paths(path)
+    for p in (weights, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: weights-pair file not found (a pair is {WEIGHTS_NAME} + {META_NAME})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_path}: not a vitpipe weights pair (format {found!r}, expected {FORMAT!r})")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path}: metadata is missing {missing}")
+    try:
+        state_dict = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: cannot read safetensors: {e}") from None
+    return state_dict, meta
+
+
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    """The ModelConfig stored in a weights pair's metadata (validated like a recipe's)."""
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise ValueError(f"weights meta: 'architecture' must be a mapping of ModelConfig fields, got {arch!r}")
+    cfg = from_dict(ModelConfig, arch, prefix="architecture.")  # ConfigError (a ValueError) on bad fields
+    validate_model(cfg, prefix="architecture.")
+    return cfg
+
+
+def _describe(shape: Optional[tuple[int, ...]]) -> str:
+    return "absent" if shape is None else str(tuple(shape))
+
+
+def model_from_pair(
+    path: str | Path,
+    image_size: int | Sequence[int] | None = None,
+    num_classes: Optional[int] = None,
+    class_names: Optional[Sequence[str]] = None,
+) -> tuple[VisionTransformer, dict]:
+    """Build the stored ViT at `image_size` (default: stored), resampling pos_embed and resetting the head as needed.
+
+    Returns (model, meta) where meta describes the returned model (image_size, num_classes,
+    class_names updated) and adds "head_reset" (bool) and "source_image_size" (the stored size).
+    """
+    state_dict, meta = read_weights_pair(path)
+    weights_file = _pair_paths(path)[0]
+    try:
+        cfg = model_config_from_meta(meta)
+    except ValueError as e:
+        raise ValueError(f"{weights_file}: {e}") from None
+    stored_size = tuple(int(s) for s in meta["image_size"])
+    stored_classes = int(meta["num_classes"])
+    stored_names = meta.get("class_names")
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names were given")
+    if num_classes is None:
+        num_classes = len(class_names) if class_names is not None else stored_classes
+    size = stored_size if image_size is None else image_size
+
+    # Built with the stored head so the checkpoint loads strictly; the head is swapped afterwards.
+    model = build_model(cfg, size, stored_classes)
+    p = model.patch_size
+    old_grid = (stored_size[0] // p, stored_size[1] // p)
+
+    # Every key and shape must match, except pos_embed which must match the *stored* grid.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected["pos_embed"] = (1, model.num_prefix_tokens + old_grid[0] * old_grid[1], cfg.width)
+    problems = [
+        f"{k}: checkpoint {_describe(tuple(state_dict[k].shape) if k in state_dict else None)}, "
+        f"model {_describe(expected.get(k))}"
+        for k in sorted(set(expected) | set(state_dict))
+        if k not in state_dict or k not in expected or tuple(state_dict[k].shape) != expected[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise ValueError(
+            f"{weights_file}: weights do not match the architecture in its model.json "
+            f"(a checkpoint from another model?): {shown}"
+        )
+
+    if model.grid != old_grid:
+        mode = meta.get("pos_embed_interp", cfg.pos_embed_interp)
+        state_dict["pos_embed"] = resample_pos_embed(
+            state_dict["pos_embed"], model.grid, old_grid, model.num_prefix_tokens, mode
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+    names_differ = class_names is not None and list(class_names) != stored_names
+    head_reset = num_classes != stored_classes or names_differ
+    if head_reset:
+        model.reset_head(num_classes)
+    out_meta = {
+        **meta,
+        "image_size": list(model.image_size),
+        "num_classes": num_classes,
+        # A reset head without given names has no known labels: do not carry the stored ones over.
+        "class_names": list(class_names) if class_names is not None else (None if head_reset else stored_names),
+        "head_reset": head_reset,
+        "source_image_size": list(stored_size),
+    }
+    return model, out_meta

@@ -1,0 +1,189 @@
+"""Experiment tracking as a plug-in: a small interface, an MLflow implementation, a null one.
+
+This is the only module that imports mlflow. Rank logic lives here too: `tracker_for_rank`
+gives ranks > 0 a `NullTracker`, so training code never asks which rank it is before logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from pipeline.config import TrackingConfig
+
+# A nested run is tied to its parent by this tag (what the MLflow UI and `nested=True` use).
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    """MLFLOW_TRACKING_URI > the recipe's tracking.uri > sqlite:///<cwd>/mlflow.db."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.uri:
+        return cfg.uri
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists are kept as their JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+class NullTracker:
+    """Tracks nothing: for ranks > 0, tests of other parts, and tracking.enabled=false."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Record parameters (ignored)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record metrics (ignored)."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Record a file (ignored)."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Record tags (ignored)."""
+
+    def child(self, name: str) -> "NullTracker":
+        """A nested run (another null tracker)."""
+        return NullTracker()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (nothing to end)."""
+
+
+class MLflowTracker:
+    """One MLflow run, driven through the client API so runs in other processes can attach."""
+
+    def __init__(self, client, run_id: str, tracking_uri: str, experiment_id: str):
+        self._client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+
+    # -- creation -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _client_for(uri: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(uri)
+        return MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def start(
+        cls,
+        cfg: TrackingConfig,
+        run_name: str,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> "MLflowTracker":
+        """Create a run (nested under `parent_run_id` if given) in the configured experiment."""
+        uri = resolve_tracking_uri(cfg)
+        client = cls._client_for(uri)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            artifact_location = None
+            if uri.startswith("sqlite:///"):
+                # Keep artifacts beside the database instead of wherever the process happens to run.
+                db = Path(uri[len("sqlite:///"):])
+                artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+            exp_id = client.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        return cls(client, run.info.run_id, uri, exp_id)
+
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> "MLflowTracker":
+        """Continue logging to an existing run (e.g. from the rank-0 training process)."""
+        client = cls._client_for(tracking_uri)
+        run = client.get_run(run_id)
+        return cls(client, run_id, tracking_uri, run.info.experiment_id)
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Record parameters; values are stringified and cut to MLflow's length limit."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow's per-batch limit
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record finite numeric metrics at `step`."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        if items:
+            self._client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file to the run's artifact store."""
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Record tags."""
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
+
+    def child(self, name: str) -> "MLflowTracker":
+        """A nested run under this one, in the same experiment."""
+        run = self._client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id})
+        return MLflowTracker(self._client, run.info.run_id, self.tracking_uri, self.experiment_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED."""
+        self._client.set_terminated(self.run_id, status=status)
+
+
+Tracker = MLflowTracker | NullTracker
+
+
+def start_tracker(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
+    """The tracker a command starts with: MLflow unless tracking is disabled."""
+    if not cfg.enabled:
+        return NullTracker()
+    return MLflowTracker.start(cfg, run_name, tags=tags)
+
+
+def tracker_for_rank(rank: int, tracking_uri: str | None, run_id: str | None) -> Tracker:
+    """Rank 0 attaches to the stage's run; every other rank (or no run) gets a null tracker."""
+    if rank != 0 or not run_id or not tracking_uri:
+        return NullTracker()
+    return MLflowTracker.attach(tracking_uri, run_id)
+
+
+def log_files(tracker: Tracker, paths: Iterable[str | Path]) -> None:
+    """Upload each existing file in `paths`."""
+    for p in paths:
+        if Path(p).is_file():
+            tracker.log_artifact(p)

@@ -1,0 +1,38 @@
+"""Run a training stage from the orchestrating process: write the job, launch the ranks, read the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.launch.local import LaunchError, launch_local
+from pipeline.track import MLflowTracker, Tracker
+from pipeline.train.loop import RESULT_FILE, TrainJob
+
+
+class TrainingError(RuntimeError):
+    """A training stage whose ranks failed; the message is the failing rank's own error."""
+
+
+def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
+    """Launch `job` on `nprocs` local ranks (rank 0 logs to `tracker`'s run); return rank 0's result."""
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(tracker, MLflowTracker):
+        job.tracking_uri, job.run_id = tracker.tracking_uri, tracker.run_id
+    job_path = out_dir / "job.json"
+    job.save(job_path)
+    for stale in out_dir.glob("error-rank*.txt"):
+        stale.unlink()
+    try:
+        launch_local(job_path, nprocs, out_dir / "train.log")
+    except LaunchError as e:
+        errors = sorted(out_dir.glob("error-rank*.txt"))
+        if errors:
+            first = errors[0].read_text().strip()
+            raise TrainingError(f"{job.stage} failed on {errors[0].stem.split('-')[-1]}: {first} (log: {out_dir / 'train.log'})") from None
+        raise TrainingError(f"{job.stage} failed: {e}") from None
+    result_path = out_dir / RESULT_FILE
+    if not result_path.is_file():
+        raise TrainingError(f"{job.stage}: ranks exited cleanly but {result_path} was not written")
+    return json.loads(result_path.read_text())

@@ -1,0 +1,61 @@
+"""Stage 5, benchmark: onnxruntime latency and throughput, PyTorch eager measured in the same run.
+
+Reads: model.onnx (+ model.onnx.json beside it), and the weights pair for the PyTorch baseline.
+Writes: <out>/bench.json (per runtime and batch size: latency p50/p90/p99, images/s, the providers
+that really ran, the environment) and prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from pipeline.config import BenchmarkConfig
+from pipeline.export.benchmark import benchmark_onnx, benchmark_torch, compare, environment, format_table
+from pipeline.model.weights import model_from_pair
+from pipeline.track import NullTracker, Tracker
+from stages import record
+
+
+def run(bench: BenchmarkConfig, onnx_path: str | Path, weights: str | Path, out_dir: str | Path,
+        tracker: Tracker | None = None, force: bool = False) -> dict:
+    """Benchmark `onnx_path` against PyTorch eager on `weights`; return what bench.json holds."""
+    tracker = tracker or NullTracker()
+    out_dir, onnx_path, weights = Path(out_dir), Path(onnx_path), Path(weights)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: ONNX model not found; run the export stage first")
+    cfg = dataclasses.asdict(bench)
+    fp = record.fingerprint("benchmark", cfg, [onnx_path, weights])
+    if not force and (done := record.completed(out_dir, fp)):
+        print(f"[benchmark] up to date: {out_dir / 'bench.json'}")
+        return done
+    record.begin(out_dir, fp)
+    tracker.log_params({"benchmark": cfg})
+    model, meta = model_from_pair(weights)
+    model.eval()
+    h, w = meta["image_size"]
+    in_ch = meta["architecture"]["in_channels"]
+    common = dict(image_size=(h, w), in_channels=in_ch, warmup=bench.warmup, iterations=bench.iterations,
+                  threads=bench.threads)
+    torch_rows = benchmark_torch(model, bench.batch_sizes, **common)
+    ort_rows = benchmark_onnx(onnx_path, bench.batch_sizes, providers=bench.providers, **common)
+    rows = compare(ort_rows, torch_rows)
+    providers = ort_rows[0]["providers"] if ort_rows else []
+    result = {"onnx": str(onnx_path), "rows": rows, "onnxruntime": ort_rows, "torch": torch_rows,
+              "providers": providers, "environment": environment(bench.threads), "config": cfg}
+    for r in rows:
+        tracker.log_metrics({f"ort_images_per_s_b{r['batch_size']}": r["ort_images_per_s"],
+                             f"torch_images_per_s_b{r['batch_size']}": r["torch_images_per_s"],
+                             f"ort_p50_ms_b{r['batch_size']}": r["ort_p50_ms"],
+                             f"speedup_b{r['batch_size']}": r["speedup"]})
+    path = out_dir / "bench.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    tracker.log_artifact(path)
+    record.finish(out_dir, "benchmark", fp, [path], result)
+    print(f"[benchmark] onnxruntime providers used: {', '.join(providers)}")
+    print(format_table(rows))
+    return result

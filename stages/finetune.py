@@ -1,0 +1,52 @@
+"""Stage 3, finetune: a weights pair at a higher resolution, resampled position embeddings, new head.
+
+Reads: a model.safetensors/model.json pair (ours or imported), manifest.json, the finetune config.
+Writes: the same pair at the new resolution and classes under <out>, plus checkpoints/, result.json.
+Also reports the pre-trained model's val accuracy at the new resolution before any fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline.config import TrainConfig
+from pipeline.data.manifest import load_manifest
+from pipeline.model.weights import read_weights_pair
+from pipeline.track import NullTracker, Tracker
+from pipeline.train.loop import TrainJob
+from pipeline.train.stage_runner import run_training
+from stages import record
+
+
+def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir: str | Path,
+        tracker: Tracker | None = None, force: bool = False) -> dict:
+    """Fine-tune the weights pair `init_from` at train.image_size; return the result with `weights`."""
+    tracker = tracker or NullTracker()
+    out_dir = Path(out_dir)
+    load_manifest(manifest)
+    _, meta = read_weights_pair(init_from)  # fails fast with the file's name if it is not a weights pair
+    weights = Path(init_from)
+    weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
+    cfg = {"train": dataclasses.asdict(train)}
+    fp = record.fingerprint("finetune", cfg, [manifest, weights_file, weights_file.with_suffix(".json")])
+    if not force and (done := record.completed(out_dir, fp)):
+        print(f"[finetune] up to date: {done['weights']}")
+        return done
+    record.begin(out_dir, fp)
+    record.mark_checkpoints(out_dir, fp)
+    tracker.log_params({**cfg, "init_from": str(weights_file), "init_image_size": meta.get("image_size")})
+    job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
+                   manifest=str(Path(manifest).resolve()), out_dir=str(out_dir.resolve()),
+                   init_from=str(weights_file.resolve()),
+                   extra_meta={"init_from": str(weights_file.resolve()), "init_image_size": meta.get("image_size")})
+    result = run_training(job, train.ranks, tracker)
+    result["weights"] = str(out_dir / "model.safetensors")
+    result["init_image_size"] = meta.get("image_size")
+    tracker.log_artifact(out_dir / "model.json")
+    record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
+    before = result.get("val_accuracy_before")
+    before_s = f"{before:.4f}" if before is not None else "n/a (new classes)"
+    print(f"[finetune] val accuracy at {train.image_size}px: before fine-tuning {before_s}, "
+          f"after {result['val_accuracy']:.4f} -> {result['weights']}")
+    return result

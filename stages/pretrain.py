@@ -1,0 +1,42 @@
+"""Stage 2, pretrain: stream the train shards into a DeepSpeed ZeRO engine on N local ranks.
+
+Reads: manifest.json (+ its shards), the model and pretrain configs.
+Writes: <out>/checkpoints/ (resumable DeepSpeed state), <out>/model.safetensors (consolidated fp32),
+<out>/model.json (architecture, resolution, normalization, classes), result.json, train.log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.data.manifest import load_manifest
+from pipeline.track import NullTracker, Tracker
+from pipeline.train.loop import TrainJob
+from pipeline.train.stage_runner import run_training
+from stages import record
+
+
+def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: str | Path,
+        tracker: Tracker | None = None, force: bool = False) -> dict:
+    """Pre-train from scratch (or resume this folder's checkpoints); return the result with `weights`."""
+    tracker = tracker or NullTracker()
+    out_dir = Path(out_dir)
+    load_manifest(manifest)  # fails fast, naming the file, before any process starts
+    cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
+    fp = record.fingerprint("pretrain", cfg, [manifest])
+    if not force and (done := record.completed(out_dir, fp)):
+        print(f"[pretrain] up to date: {done['weights']}")
+        return done
+    record.begin(out_dir, fp)
+    record.mark_checkpoints(out_dir, fp)
+    tracker.log_params(cfg)
+    job = TrainJob(stage="pretrain", model=cfg["model"], train=cfg["train"], manifest=str(Path(manifest).resolve()),
+                   out_dir=str(out_dir.resolve()), extra_meta={"manifest": str(Path(manifest).resolve())})
+    result = run_training(job, train.ranks, tracker)
+    result["weights"] = str(out_dir / "model.safetensors")
+    tracker.log_artifact(out_dir / "model.json")
+    record.finish(out_dir, "pretrain", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
+    print(f"[pretrain] val accuracy {result['val_accuracy']:.4f} at {train.image_size}px -> {result['weights']}")
+    return result

@@ -1,0 +1,114 @@
+"""`vitpipe run`: every stage of a recipe in order, in one working directory, under one MLflow run.
+
+Layout of the working directory: prepare/, pretrain/, finetune/, export/, benchmark/ (one folder
+per stage, each with its stage.json once complete) and summary.json with the summary table's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import PipelineConfig, to_dict
+from pipeline.track import NullTracker, Tracker, start_tracker
+from stages import benchmark, export, finetune, prepare, pretrain
+
+
+def stage_dirs(workdir: Path) -> dict[str, Path]:
+    """Where each stage of a run writes."""
+    return {s: workdir / s for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
+
+
+def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, force: bool) -> dict:
+    """Run one stage, taking its inputs from the standard places in `workdir`."""
+    d = stage_dirs(workdir)
+    manifest = d["prepare"] / "manifest.json"
+    if name == "prepare":
+        return prepare.run(cfg.data, d["prepare"], tracker, force)
+    if name == "pretrain":
+        return pretrain.run(cfg.model, cfg.pretrain, manifest, d["pretrain"], tracker, force)
+    if name == "finetune":
+        init = cfg.finetune.init_from or d["pretrain"] / "model.safetensors"
+        return finetune.run(cfg.finetune, manifest, init, d["finetune"], tracker, force)
+    weights = d["finetune"] / "model.safetensors"
+    if not weights.exists() and (d["pretrain"] / "model.safetensors").exists():
+        weights = d["pretrain"] / "model.safetensors"  # a recipe without the finetune stage
+    if name == "export":
+        return export.run(cfg.export, weights, manifest, d["export"], tracker, force)
+    if name == "benchmark":
+        return benchmark.run(cfg.benchmark, d["export"] / "model.onnx", weights, d["benchmark"], tracker, force)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def _fmt(x, spec=".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_table(summary: dict) -> str:
+    """The figures a user wants after a run, as plain text."""
+    lines = [f"vitpipe run '{summary['recipe']}'  ({summary['workdir']})", ""]
+    pre, ft = summary.get("pretrain") or {}, summary.get("finetune") or {}
+    if pre or ft:
+        lines.append(f"{'val accuracy':<44}{'value':>10}")
+        if pre:
+            lines.append(f"{'after pre-training @ %spx' % pre.get('image_size'):<44}{_fmt(pre.get('val_accuracy')):>10}")
+        if ft:
+            lines.append(f"{'pre-trained @ %spx, resampled pos-embed' % ft.get('image_size'):<44}"
+                         f"{_fmt(ft.get('val_accuracy_before')):>10}")
+            lines.append(f"{'after fine-tuning @ %spx' % ft.get('image_size'):<44}{_fmt(ft.get('val_accuracy')):>10}")
+        lines.append("")
+    ex = summary.get("export") or {}
+    if ex:
+        p = ex.get("parity", {})
+        lines.append(f"ONNX parity on {p.get('n_images')} held-out images: max |dlogit| {_fmt(p.get('max_abs_diff'), '.2e')}, "
+                     f"top-1 agreement {_fmt(p.get('top1_agreement'), '.4f')}  ({', '.join(p.get('providers', []))})")
+        lines.append("")
+    bench = summary.get("benchmark") or {}
+    if bench.get("rows"):
+        lines.append(f"{'batch':>5} {'ORT p50 ms':>11} {'torch p50 ms':>13} {'ORT img/s':>10} {'torch img/s':>12} {'ORT/torch':>10}")
+        for r in bench["rows"]:
+            lines.append(f"{r['batch_size']:>5} {r['ort_p50_ms']:>11.3f} {r['torch_p50_ms']:>13.3f} "
+                         f"{r['ort_images_per_s']:>10.1f} {r['torch_images_per_s']:>12.1f} {r['speedup']:>9.2f}x")
+        lines.append(f"onnxruntime providers used: {', '.join(bench.get('providers', []))}")
+    return "\n".join(lines)
+
+
+def run(cfg: PipelineConfig, workdir: str | Path | None = None, force: bool = False) -> dict:
+    """Run the recipe's stages in order; return (and write) the summary."""
+    workdir = Path(workdir or Path("runs") / cfg.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tracker = start_tracker(cfg.tracking, run_name=cfg.name, tags={"vitpipe.recipe": cfg.name,
+                                                                  "vitpipe.workdir": str(workdir.resolve())})
+    tracker.log_params(to_dict(cfg))
+    tracker.log_artifact(workdir / "config.yaml")
+    summary: dict = {"recipe": cfg.name, "workdir": str(workdir), "stages": list(cfg.stages),
+                     "mlflow_run_id": tracker.run_id, "tracking_uri": getattr(tracker, "tracking_uri", None)}
+    try:
+        for name in cfg.stages:
+            child = tracker.child(name) if not isinstance(tracker, NullTracker) else tracker
+            try:
+                summary[name] = run_stage(name, cfg, workdir, child, force)
+            except BaseException:
+                child.finish("FAILED")
+                raise
+            child.finish()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    _write_summary(workdir, summary)  # only once every stage is done: a partial run has none
+    text = summary_table(summary)
+    (workdir / "summary.txt").write_text(text + "\n")
+    tracker.log_artifact(workdir / "summary.json")
+    tracker.finish()
+    print("\n" + text)
+    return summary
+
+
+def _write_summary(workdir: Path, summary: dict) -> None:
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, workdir / "summary.json")

@@ -1,0 +1,291 @@
+"""Model package: ViT shapes, position-embedding resampling, head reset, param groups, weights pair."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.model.pos_embed import resample_pos_embed
+from pipeline.model.variants import SIZES
+from pipeline.model.vit import VisionTransformer, build_model, flops_per_image, param_groups_for_weight_decay
+from pipeline.model.weights import (
+    model_config_from_meta,
+    model_from_pair,
+    read_weights_pair,
+    save_weights_pair,
+    weights_meta,
+)
+
+TINY = ModelConfig(patch_size=4, width=32, depth=2, heads=2, mlp_dim=64, in_channels=1)
+
+
+def tiny(image_size=16, num_classes=10, **kw) -> VisionTransformer:
+    return build_model(dataclasses.replace(TINY, **kw), image_size, num_classes)
+
+
+# --------------------------------------------------------------------------- the ViT
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_every_preset_gives_logits(size):
+    width, depth, mlp, heads = SIZES[size]
+    # The real width/heads/MLP of each preset; depth capped so the big ones stay fast.
+    model = VisionTransformer(
+        image_size=32, patch_size=16, width=width, depth=1 if size in ("l", "h") else 2,
+        heads=heads, mlp_dim=mlp, num_classes=7,
+    ).eval()
+    assert model.grid == (2, 2) and model.pos_embed.shape == (1, 5, width)
+    assert model.cls_token.shape == (1, 1, width)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_non_square_image_and_dynamic_batch():
+    model = tiny(image_size=(8, 16)).eval()
+    assert model.grid == (2, 4) and model.image_size == (8, 16) and model.pos_embed.shape == (1, 9, 32)
+    with torch.no_grad():
+        for b in (1, 3):
+            assert model(torch.randn(b, 1, 8, 16)).shape == (b, 10)
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_hybrid_grid_is_image_over_stem_stride(stride):
+    model = tiny(image_size=32, hybrid=True, stem_channels=8, stem_stride=stride).eval()
+    g = 32 // stride
+    assert model.grid == (g, g) and model.pos_embed.shape == (1, 1 + g * g, 32)
+    assert model.patch_embed.kernel_size == (1, 1)  # "patches of size 1" on the stem's map
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_hybrid_rejects_bad_stride():
+    with pytest.raises(ValueError, match="power of two"):
+        tiny(image_size=24, hybrid=True, stem_stride=3)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 20, 16), (2, 3, 16, 16), (2, 1, 16, 20)])
+def test_wrong_input_raises(shape):
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 16, 16\)"):
+        tiny()(torch.randn(*shape))
+
+
+def test_image_not_divisible_by_patch_raises():
+    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+        tiny(image_size=18)
+
+
+def test_drop_path_only_in_training():
+    model = tiny(drop_path=0.5, dropout=0.1)
+    assert [b.drop_path_rate for b in model.blocks] == [0.0, 0.5]  # linear up to the config value
+    x = torch.randn(4, 1, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))
+    model.train()
+    model(x).sum().backward()  # trains without error with stochastic depth on
+    assert model.pos_embed.grad is not None
+
+
+def test_reset_head_is_zero_and_gives_zero_logits():
+    model = tiny()
+    model.reset_head(3)
+    assert model.head.out_features == 3
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    with torch.no_grad():
+        assert torch.equal(model(torch.randn(2, 1, 16, 16)), torch.zeros(2, 3))
+
+
+def test_param_groups_skip_decay_on_pos_embed_cls_biases_norms():
+    model = tiny(hybrid=True, stem_channels=8, stem_stride=4)
+    decay, no_decay = param_groups_for_weight_decay(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert {"pos_embed", "cls_token", "head.bias", "norm.weight", "norm.bias", "blocks.0.norm1.weight"} <= nd
+    assert "stem.root.1.weight" in nd  # GroupNorm scale
+    assert {"patch_embed.weight", "head.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight"} <= d
+    assert not d & nd and len(d) + len(nd) == len(names)
+
+
+def test_flops_match_hand_count():
+    model = tiny(image_size=16)  # P=4 -> 16 patches, 17 tokens, D=32, M=64, 2 blocks, 10 classes
+    n, t, d, m = 16, 17, 32, 64
+    patch = 2 * n * d * (1 * 4 * 4)
+    block = 2 * (t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m)
+    assert flops_per_image(model) == patch + 2 * block + 2 * d * 10
+    assert flops_per_image(tiny(image_size=32, hybrid=True, stem_channels=8)) > 0
+
+
+def test_model_imports_no_distribution_or_tracking():
+    # A source check, not sys.modules: other tests in the session may import deepspeed/mlflow.
+    for mod in ("vit", "pos_embed", "weights", "variants"):
+        src = open(f"pipeline/model/{mod}.py").read()
+        for banned in ("deepspeed", "torch.distributed", "mlflow"):
+            assert f"import {banned}" not in src and f"from {banned}" not in src, (mod, banned)
+
+
+# --------------------------------------------------------------------------- pos_embed resampling
+
+
+def _pe(grid_rows: list[list[float]], cls=(7.0, -7.0)) -> torch.Tensor:
+    """(1, 1+H*W, 2): channel 0 holds the grid values, channel 1 their negatives."""
+    flat = torch.tensor([v for row in grid_rows for v in row])
+    tokens = torch.stack([flat, -flat], dim=-1)  # (H*W, 2)
+    return torch.cat([torch.tensor([cls]), tokens])[None]
+
+
+def test_identity_when_grid_unchanged():
+    pe = torch.randn(1, 1 + 6, 8)
+    out = resample_pos_embed(pe, (2, 3), old_grid=(2, 3))
+    assert torch.equal(out, pe)
+    assert torch.equal(resample_pos_embed(pe[:, :5], 2), pe[:, :5])  # inferred square grid
+
+
+def test_bilinear_2x2_to_4x4_matches_hand_values():
+    # align_corners=False, scale 1/2: output i samples input (i+0.5)/2-0.5 = -0.25, 0.25, 0.75, 1.25,
+    # clamped to [0, 1] -> weights on the second input 0, .25, .75, 1.
+    # Row 0 between 1 and 5: 1, 2, 4, 5.  Row 1 between 3 and 11: 3, 5, 9, 11.
+    # Output rows 1 and 2 are .75/.25 and .25/.75 mixes of those two rows.
+    expected = [
+        [1.0, 2.0, 4.0, 5.0],
+        [1.5, 2.75, 5.25, 6.5],
+        [2.5, 4.25, 7.75, 9.5],
+        [3.0, 5.0, 9.0, 11.0],
+    ]
+    out = resample_pos_embed(_pe([[1, 5], [3, 11]]), (4, 4), mode="bilinear")
+    torch.testing.assert_close(out, _pe(expected), rtol=0, atol=1e-6)
+
+
+def test_bilinear_1x2_to_2x4_non_square():
+    # Height 1 -> 2: both output rows sample the single row. Width 2 -> 4 between 2 and 6: 2, 3, 5, 6.
+    out = resample_pos_embed(_pe([[2, 6]]), (2, 4), old_grid=(1, 2), mode="bilinear")
+    torch.testing.assert_close(out, _pe([[2, 3, 5, 6], [2, 3, 5, 6]]), rtol=0, atol=1e-6)
+
+
+def test_class_token_untouched_and_non_square_shapes():
+    pe = torch.randn(1, 1 + 2 * 3, 16)
+    for mode in ("bicubic", "bilinear"):
+        out = resample_pos_embed(pe, (5, 7), old_grid=(2, 3), mode=mode)
+        assert out.shape == (1, 1 + 35, 16)
+        assert torch.equal(out[:, :1], pe[:, :1])
+    two_prefix = resample_pos_embed(pe, (4, 2), old_grid=(1, 5), num_prefix_tokens=2)
+    assert two_prefix.shape == (1, 2 + 8, 16) and torch.equal(two_prefix[:, :2], pe[:, :2])
+
+
+def test_bicubic_constant_grid_stays_constant():
+    pe = torch.cat([torch.zeros(1, 1, 4), torch.full((1, 9, 4), 0.3)], dim=1)
+    out = resample_pos_embed(pe, (6, 6))
+    torch.testing.assert_close(out[:, 1:], torch.full((1, 36, 4), 0.3))
+
+
+def test_dtype_is_restored():
+    pe = torch.randn(1, 1 + 4, 8, dtype=torch.bfloat16)
+    out = resample_pos_embed(pe, (3, 3))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 10, 8)
+    assert torch.equal(out[:, 0], pe[:, 0])
+
+
+def test_resample_errors():
+    pe = torch.randn(1, 1 + 6, 4)
+    with pytest.raises(ValueError, match="not a square"):
+        resample_pos_embed(pe, 4)
+    with pytest.raises(ValueError, match=r"needs 4"):
+        resample_pos_embed(pe, 4, old_grid=(2, 2))
+    with pytest.raises(ValueError, match="mode"):
+        resample_pos_embed(pe, 4, old_grid=(2, 3), mode="nearest")
+
+
+# --------------------------------------------------------------------------- weights pair
+
+
+def _save(tmp_path, cfg=TINY, image_size=16, num_classes=10, class_names=None, **extra):
+    model = build_model(cfg, image_size, num_classes)
+    meta = weights_meta(cfg, image_size, num_classes, class_names, **extra)
+    return model, save_weights_pair(tmp_path / "pair", model.state_dict(), meta)
+
+
+def test_pair_round_trip(tmp_path):
+    names = [str(i) for i in range(10)]
+    model, path = _save(tmp_path, class_names=names, stage="pretrain", metrics={"val_acc": 0.5})
+    assert path.name == "model.safetensors" and (path.parent / "model.json").is_file()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+    for where in (path.parent, path, path.with_suffix(".json")):
+        sd, meta = read_weights_pair(where)
+        assert sd.keys() == model.state_dict().keys()
+        for k, v in model.state_dict().items():
+            assert sd[k].dtype == torch.float32 and torch.equal(sd[k], v)
+        assert meta["format"] == "vitpipe.weights/1" and meta["image_size"] == [16, 16]
+        assert meta["class_names"] == names and meta["stage"] == "pretrain" and meta["metrics"] == {"val_acc": 0.5}
+        assert meta["pos_embed_interp"] == "bicubic" and meta["mean"] == [0.5, 0.5, 0.5]
+        assert model_config_from_meta(meta) == TINY
+
+    loaded, meta = model_from_pair(path)
+    assert meta["head_reset"] is False
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_bf16_state_dict_saved_as_fp32(tmp_path):
+    model = build_model(TINY, 16, 10).to(torch.bfloat16)
+    path = save_weights_pair(tmp_path, model.state_dict(), weights_meta(TINY, 16, 10))
+    sd, _ = read_weights_pair(path)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_model_from_pair_at_higher_resolution_resamples_pos_embed(tmp_path):
+    cfg = dataclasses.replace(TINY, pos_embed_interp="bilinear")
+    model, path = _save(tmp_path, cfg=cfg, image_size=16)
+    big, meta = model_from_pair(path, image_size=24)
+    assert big.grid == (6, 6) and meta["image_size"] == [24, 24] and meta["source_image_size"] == [16, 16]
+    want = resample_pos_embed(model.pos_embed.detach(), (6, 6), (4, 4), mode="bilinear")
+    assert torch.equal(big.pos_embed.detach(), want)
+    assert torch.equal(big.head.weight, model.head.weight)  # same classes: head kept
+
+
+def test_model_from_pair_resets_head_when_classes_differ(tmp_path):
+    _, path = _save(tmp_path, class_names=[str(i) for i in range(10)])
+    model, meta = model_from_pair(path, num_classes=3)
+    assert model.head.out_features == 3 and torch.count_nonzero(model.head.weight) == 0
+    assert meta["head_reset"] and meta["num_classes"] == 3 and meta["class_names"] is None
+    # Same count but different labels: also a new task.
+    model, meta = model_from_pair(path, class_names=list("abcdefghij"))
+    assert meta["head_reset"] and torch.count_nonzero(model.head.weight) == 0
+    model, meta = model_from_pair(path, class_names=[str(i) for i in range(10)])
+    assert not meta["head_reset"] and torch.count_nonzero(model.head.weight) > 0
+
+
+@pytest.mark.parametrize("change", [{"width": 48}, {"depth": 1}])
+def test_checkpoint_from_another_architecture_names_file(tmp_path, change):
+    other = build_model(dataclasses.replace(TINY, **change), 16, 10)
+    path = save_weights_pair(tmp_path, other.state_dict(), weights_meta(TINY, 16, 10))  # meta lies
+    with pytest.raises(ValueError, match="model.safetensors.*do not match") as e:
+        model_from_pair(path)
+    assert "checkpoint" in str(e.value) and "model" in str(e.value)
+
+
+def test_read_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        read_weights_pair(tmp_path)
+    _, path = _save(tmp_path)
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"model\.json: not valid JSON"):
+        read_weights_pair(path)
+    meta_path.write_text(json.dumps({"format": "something/else"}))
+    with pytest.raises(ValueError, match=r"model\.json: not a vitpipe weights pair"):
+        read_weights_pair(path.parent)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        read_weights_pair(meta_path)
+
+
+def test_save_requires_core_meta(tmp_path):
+    with pytest.raises(ValueError, match="missing"):
+        save_weights_pair(tmp_path, {}, {"stage": "pretrain"})
+    assert not list(tmp_path.iterdir())
