@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,6 +149,9 @@ class TrainConfig:
     """Seed of initialization, data order and augmentation."""
     init_from: Optional[str] = None
     """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+    verify_shards: Literal["full", "size"] = "full"
+    """Before training: full re-hashes every shard against the manifest (and counts samples); size
+    only compares file sizes (for very large datasets). Sizes and counts are checked while streaming too."""
 
 
 @dataclass
@@ -232,6 +236,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type `hint`; return it (ints accepted where floats are expected)."""
     origin = typing.get_origin(hint)
@@ -270,6 +277,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string; users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import TrainConfig
-from pipeline.data.manifest import load_manifest
-from pipeline.model.weights import read_weights_pair
+from pipeline.config import TrainConfig, validate_train
+from pipeline.model.weights import model_config_from_meta
+from pipeline.data.manifest import load_manifest, verify_manifest
+from pipeline.model.weights import model_from_pair
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
 from pipeline.train.stage_runner import run_training
@@ -24,8 +25,14 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     """Fine-tune the weights pair `init_from` at train.image_size; return the result with `weights`."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    load_manifest(manifest)
-    _, meta = read_weights_pair(init_from)  # fails fast with the file's name if it is not a weights pair
+    m = load_manifest(manifest)
+    # Fail fast, before any process starts: a bad manifest, a file that is not a weights pair, a
+    # checkpoint whose tensors do not fit its architecture, a resolution its patch size cannot take.
+    verify_manifest(m, check_hashes=train.verify_shards == "full")
+    model, meta = model_from_pair(init_from, image_size=train.image_size, num_classes=m.num_classes,
+                                  class_names=m.class_names)
+    del model
+    validate_train(train, model_config_from_meta(meta), "finetune.")
     weights = Path(init_from)
     weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
     cfg = {"train": dataclasses.asdict(train)}
@@ -35,14 +42,14 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
         return done
     record.begin(out_dir, fp)
     record.mark_checkpoints(out_dir, fp)
-    tracker.log_params({**cfg, "init_from": str(weights_file), "init_image_size": meta.get("image_size")})
+    tracker.log_params({**cfg, "init_from": str(weights_file), "init_image_size": meta["source_image_size"]})
     job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
                    manifest=str(Path(manifest).resolve()), out_dir=str(out_dir.resolve()),
                    init_from=str(weights_file.resolve()),
-                   extra_meta={"init_from": str(weights_file.resolve()), "init_image_size": meta.get("image_size")})
+                   extra_meta={"init_from": str(weights_file.resolve()), "init_image_size": meta["source_image_size"]})
     result = run_training(job, train.ranks, tracker)
     result["weights"] = str(out_dir / "model.safetensors")
-    result["init_image_size"] = meta.get("image_size")
+    result["init_image_size"] = meta["source_image_size"]
     tracker.log_artifact(out_dir / "model.json")
     record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     before = result.get("val_accuracy_before")

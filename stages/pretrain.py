@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import load_manifest, verify_manifest
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
 from pipeline.train.stage_runner import run_training
@@ -23,7 +23,8 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     """Pre-train from scratch (or resume this folder's checkpoints); return the result with `weights`."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    load_manifest(manifest)  # fails fast, naming the file, before any process starts
+    # Fail fast, naming the file, before any process starts.
+    verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full")
     cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
     fp = record.fingerprint("pretrain", cfg, [manifest])
     if not force and (done := record.completed(out_dir, fp)):

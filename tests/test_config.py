@@ -1,0 +1,119 @@
+"""Config loading and validation: every rejection names the key and says what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, load_config, to_dict
+from pipeline.model.variants import SIZES, decode_variant
+from pipeline.train.deepspeed_config import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "pipeline" / "demo.yaml"
+ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads_and_validates(path):
+    # Fragments (model presets, ZeRO settings) are validated on top of the defaults.
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_recipes_document_how_to_run_them():
+    for path in (ROOT / "configs" / "pipeline").glob("*.yaml"):
+        head = path.read_text().splitlines()[:12]
+        assert any("run:" in line for line in head), f"{path} should start with a comment giving its command"
+
+
+def test_demo_recipe_resolves_base_files_and_overrides():
+    cfg = load_config(DEMO, ["pretrain.steps=50", "model.depth=2", "finetune.lr=3e-3", "benchmark.batch_sizes=[1, 4]"])
+    assert cfg.name == "demo"
+    assert cfg.pretrain.steps == 50 and cfg.model.depth == 2 and cfg.finetune.lr == pytest.approx(3e-3)
+    assert cfg.benchmark.batch_sizes == [1, 4]
+    # from the vit-ti2 base: width/heads/mlp of ViT-Ti, patch 2; from zero2.yaml: stage 2
+    assert (cfg.model.width, cfg.model.heads, cfg.model.mlp_dim, cfg.model.patch_size) == (192, 3, 768, 2)
+    assert cfg.pretrain.zero_stage == 2 and cfg.finetune.zero_stage == 2
+    # the demo pre-trains at a lower resolution than it fine-tunes, on 28 px images
+    assert cfg.pretrain.image_size < cfg.finetune.image_size
+
+
+def test_variant_fills_only_unset_fields():
+    cfg = load_config(None, ["model.variant=vit-b16", "model.depth=3"])
+    assert (cfg.model.width, cfg.model.depth, cfg.model.mlp_dim, cfg.model.heads) == (768, 3, 3072, 12)
+    assert decode_variant("vit-h14") == {"width": 1280, "depth": 32, "mlp_dim": 5120, "heads": 16, "patch_size": 14}
+    assert set(SIZES) == {"ti", "s", "b", "l", "h"}
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(DEMO)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert to_dict(load_config(path)) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, hint",
+    [
+        (["pretrain.stepz=5"], "pretrain.stepz", "did you mean 'steps'"),
+        (["modle.depth=2"], "modle", "did you mean 'model'"),
+        (["model.widht=64"], "model.widht", "did you mean 'width'"),
+        (["pretrain.steps=ten"], "pretrain.steps", "expected an integer"),
+        (["pretrain.lr=fast"], "pretrain.lr", "expected a number"),
+        (["model.hybrid=3"], "model.hybrid", "expected true or false"),
+        (["data.source=imagenet"], "data.source", "'mnist5k', 'digits', 'folder'"),
+        (["pretrain.image_size=15"], "pretrain.image_size", "not divisible by the patch size 2"),
+        (["finetune.image_size=27"], "finetune.image_size", "use a multiple of 2"),
+        (["model.width=100", "model.heads=3"], "model.heads", "width 100 is not divisible by heads 3"),
+        (["pretrain.zero_stage=4"], "pretrain.zero_stage", "must be 0, 1, 2 or 3"),
+        (["finetune.zero_stage=-1"], "finetune.zero_stage", "must be 0, 1, 2 or 3"),
+        (["pretrain.global_batch=100"], "pretrain.global_batch", "set global_batch to 64"),
+        (["model.variant=vit-x16"], "model.variant", "unknown model variant"),
+        (["stages=[prepare, pretrian]"], "stages", "did you mean 'pretrain'"),
+        (["data.source=folder"], "data.root", "needs data.root"),
+        (["model.hybrid=true", "model.stem_stride=3"], "model.stem_stride", "power of two"),
+        (["pretrain"], "override 'pretrain'", "expected key=value"),
+    ],
+)
+def test_bad_config_is_rejected_with_key_and_fix(overrides, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, overrides)
+    msg = str(err.value)
+    assert msg.startswith(key), msg
+    assert hint in msg, msg
+
+
+def test_hybrid_image_size_is_checked_against_stem_stride():
+    load_config(DEMO, ["model.hybrid=true", "model.stem_stride=2"])  # 14 and 28 are multiples of 2
+    with pytest.raises(ConfigError, match="pretrain.image_size: 14 is not divisible by the hybrid stem's stride 4"):
+        load_config(DEMO, ["model.hybrid=true", "model.stem_stride=4"])
+
+
+def test_missing_and_malformed_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular base"):
+        load_config(loop)
+
+
+def test_deepspeed_config_is_derived_and_checked():
+    cfg = load_config(DEMO, ["pretrain.grad_accum=2", "pretrain.zero_stage=3"])
+    ds = deepspeed_config(cfg.pretrain, world_size=2, precision="fp32")
+    assert ds["train_batch_size"] == 32 * 2 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
+    assert "bf16" not in ds and "fp16" not in ds
+    assert deepspeed_config(cfg.pretrain, 2, "bf16")["bf16"] == {"enabled": True}
+    # a global batch set for 2 ranks is rejected when the job runs on 4
+    cfg = load_config(DEMO, ["pretrain.global_batch=64"])
+    with pytest.raises(ConfigError, match="global_batch: 64 != micro_batch 32 x grad_accum 1 x ranks 4 = 128"):
+        deepspeed_config(cfg.pretrain, world_size=4, precision="fp32")

@@ -1,0 +1,106 @@
+"""One end-to-end `vitpipe run` of the tiny recipe, as a user runs it, against a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def vitpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    proc = vitpipe("run", str(TINY), "--workdir", "w", cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"cwd": cwd, "work": cwd / "w", "env": env, "proc": proc}
+
+
+def test_every_stage_wrote_its_files(run):
+    w = run["work"]
+    for rel in ("prepare/manifest.json", "pretrain/model.safetensors", "pretrain/model.json",
+                "finetune/model.safetensors", "finetune/model.json", "export/model.onnx",
+                "export/model.onnx.json", "benchmark/bench.json", "summary.json", "config.yaml"):
+        assert (w / rel).is_file(), rel
+    for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
+        assert json.loads((w / stage / "stage.json").read_text())["stage"] == stage
+
+
+def test_summary_has_the_figures_of_every_stage(run):
+    s = json.loads((run["work"] / "summary.json").read_text())
+    assert s["pretrain"]["image_size"] == 14 and s["finetune"]["image_size"] == 28
+    for key in ("val_accuracy",):
+        assert 0.0 <= s["pretrain"][key] <= 1.0 and 0.0 <= s["finetune"][key] <= 1.0
+    assert 0.0 <= s["finetune"]["val_accuracy_before"] <= 1.0
+    parity = s["export"]["parity"]
+    assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0 and parity["n_images"] == 32
+    rows = s["benchmark"]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 8]
+    assert all(r["ort_images_per_s"] > 0 and r["torch_images_per_s"] > 0 for r in rows)
+    assert "CPUExecutionProvider" in s["benchmark"]["providers"]
+    out = run["proc"].stdout
+    assert "after fine-tuning @ 28px" in out and "ONNX parity" in out and "ORT/torch" in out
+
+
+def test_onnx_metadata_describes_inputs_and_parity(run):
+    info = json.loads((run["work"] / "export" / "model.onnx.json").read_text())
+    assert info["input"]["name"] == "images" and info["input"]["shape"] == ["batch", 1, 28, 28]
+    assert info["input"]["mean"] == [0.1307] and info["class_names"] == [str(i) for i in range(10)]
+    assert info["opset"] == 17 and info["parity"]["tolerance"] == 1e-4
+
+
+def test_mlflow_has_a_parent_run_with_one_child_per_stage(run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=run["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("vitpipe")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["pretrain.steps"] == "6"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"prepare", "pretrain", "finetune", "export", "benchmark"}
+    assert all(c.info.status == "FINISHED" for c in children.values())
+
+    pre = children["pretrain"]
+    # logged by rank 0 only: one point per log step (2, 4, 6), not one per rank
+    loss = client.get_metric_history(pre.info.run_id, "loss")
+    assert [m.step for m in loss] == [2, 4, 6]
+    for name in ("lr", "images_per_s", "grad_norm", "val_accuracy"):
+        assert client.get_metric_history(pre.info.run_id, name), name
+    assert pre.data.params["train.zero_stage"] == "2" and pre.data.params["world_size"] == "2"
+    assert client.get_metric_history(children["finetune"].info.run_id, "val_accuracy_before_finetune")
+
+    def artifacts(stage):
+        return {a.path for a in client.list_artifacts(children[stage].info.run_id)}
+
+    assert "manifest.json" in artifacts("prepare")
+    assert "model.json" in artifacts("pretrain") and "model.json" in artifacts("finetune")
+    assert "model.onnx.json" in artifacts("export")
+    assert "bench.json" in artifacts("benchmark")
+    assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_second_run_skips_stages_whose_inputs_are_unchanged(run):
+    t0 = time.perf_counter()
+    proc = vitpipe("run", str(TINY), "--workdir", "w", cwd=run["cwd"], env=run["env"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
+        assert f"[{stage}] up to date" in proc.stdout
+    assert time.perf_counter() - t0 < 60  # no training process was started

@@ -1,0 +1,122 @@
+"""Real multi-process training: 2 gloo ranks, DeepSpeed ZeRO-2, real shards; then fine-tuning.
+
+One module-scoped run (prepare -> pretrain -> finetune) is shared by the assertions below; each
+training stage is a real `torchrun` of two processes with the CPU accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.model.pos_embed import resample_pos_embed
+from pipeline.model.weights import model_from_pair, read_weights_pair
+from stages import finetune, prepare, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("train")
+    cfg = load_config(TINY, ["pretrain.steps=6", "pretrain.checkpoint_every=3", "pretrain.eval_every=3",
+                             "finetune.steps=4"])
+    prep = prepare.run(cfg.data, work / "prepare")
+    pre = pretrain.run(cfg.model, cfg.pretrain, prep["manifest"], work / "pretrain")
+    ft = finetune.run(cfg.finetune, prep["manifest"], pre["weights"], work / "finetune")
+    return {"cfg": cfg, "work": work, "prepare": prep, "pretrain": pre, "finetune": ft}
+
+
+def test_pretrain_ran_on_two_ranks_with_zero2_and_wrote_checkpoints(trained):
+    pre, work = trained["pretrain"], trained["work"]
+    assert pre["world_size"] == 2 and pre["zero_stage"] == 2 and pre["precision"] == "fp32"
+    assert pre["steps"] == 6 and pre["global_batch"] == 8 * 2
+    # periodic (step 3) and final (step 6) DeepSpeed checkpoints, one optimizer shard per rank
+    ckpts = work / "pretrain" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000006"
+    for tag in ("step_00000003", "step_00000006"):
+        shards = sorted(p.name for p in (ckpts / tag).glob("*optim_states.pt"))
+        assert len(shards) == 2, shards
+    # every val image evaluated exactly once across the two ranks
+    assert pre["val_count"] == trained["prepare"]["val_samples"]
+    assert 0.0 <= pre["val_accuracy"] <= 1.0 and pre["train_loss"] > 0
+
+
+def test_consolidated_weights_load_without_deepspeed(trained):
+    weights = trained["pretrain"]["weights"]
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["deepspeed"] = None  # any import of deepspeed now fails
+        import torch
+        from pipeline.model.weights import model_from_pair
+        model, meta = model_from_pair({str(weights)!r})
+        x = torch.zeros(2, 1, 14, 14)
+        print(tuple(model(x).shape), meta["image_size"], meta["num_classes"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split("\n")[0] == "(2, 10) [14, 14] 10"
+
+
+def test_consolidated_weights_equal_deepspeed_zero_to_fp32(trained):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpts = trained["work"] / "pretrain" / "checkpoints"
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag="step_00000006")
+    ours = load_file(trained["pretrain"]["weights"])
+    assert set(ours) == set(reference)
+    for k in ours:
+        assert torch.equal(ours[k], reference[k].float()), k
+    # and the weights moved away from initialization: training really happened
+    assert ours["head.weight"].abs().sum() > 0
+
+
+def test_model_json_describes_the_model(trained):
+    meta = json.loads((Path(trained["pretrain"]["weights"]).with_suffix(".json")).read_text())
+    assert meta["image_size"] == [14, 14] and meta["num_classes"] == 10
+    assert meta["class_names"] == [str(i) for i in range(10)]
+    assert meta["architecture"]["patch_size"] == 2 and meta["architecture"]["in_channels"] == 1
+    assert meta["mean"] == [0.1307] and meta["std"] == [0.3081]
+    assert meta["pos_embed_interp"] == "bicubic" and meta["stage"] == "pretrain"
+
+
+def test_finetune_at_higher_resolution_resamples_pos_embed_and_replaces_head(trained):
+    ft = trained["finetune"]
+    assert ft["image_size"] == 28 and ft["init_image_size"] == [14, 14]
+    # the pre-trained model was evaluated at 28 px before fine-tuning (same classes: head kept for it)
+    assert 0.0 <= ft["val_accuracy_before"] <= 1.0
+    assert ft["val_count"] == trained["prepare"]["val_samples"]
+    state, meta = read_weights_pair(ft["weights"])
+    assert meta["image_size"] == [28, 28] and meta["stage"] == "finetune"
+    assert state["pos_embed"].shape == (1, 1 + 14 * 14, 32)  # grid 7x7 -> 14x14, class token kept
+    assert state["head.weight"].shape == (10, 32)
+
+
+def test_finetune_starts_from_resampled_pretrained_embeddings(trained):
+    # What fine-tuning starts from: the pre-trained embeddings resampled 7x7 -> 14x14 (bicubic).
+    pre_state, _ = read_weights_pair(trained["pretrain"]["weights"])
+    model, meta = model_from_pair(trained["pretrain"]["weights"], image_size=28)
+    expected = resample_pos_embed(pre_state["pos_embed"], (14, 14), (7, 7), mode="bicubic")
+    assert torch.equal(model.pos_embed.detach(), expected)
+    assert torch.equal(model.pos_embed[:, :1], pre_state["pos_embed"][:, :1])  # class token untouched
+    # the head is zero-initialized when classes change (the paper's transfer recipe)
+    reset, reset_meta = model_from_pair(trained["pretrain"]["weights"], image_size=28, num_classes=3)
+    assert reset_meta["head_reset"] and reset.head.weight.abs().sum() == 0
+
+
+def test_rerun_is_skipped_when_inputs_match(trained):
+    cfg, work = trained["cfg"], trained["work"]
+    before = (work / "pretrain" / "model.safetensors").stat().st_mtime_ns
+    again = pretrain.run(cfg.model, cfg.pretrain, trained["prepare"]["manifest"], work / "pretrain")
+    assert again["weights"] == trained["pretrain"]["weights"]
+    assert (work / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
