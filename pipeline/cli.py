@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load the recipe with its base files and overrides, validate it and print it as YAML.")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    from pipeline.launch.submit_cli import add_submit_parsers
+
+    add_submit_parsers(sub)
     return parser
 
 
@@ -102,7 +105,10 @@ def dispatch(args: argparse.Namespace) -> int:
     import yaml
 
     from pipeline.config import load_config, to_dict
+    from pipeline.launch.submit_cli import dispatch_submit
 
+    if (code := dispatch_submit(args)) is not None:  # submit, status, logs
+        return code
     cfg = load_config(args.recipe, args.overrides)
     if args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -144,12 +150,25 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vitpipe` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`run r.yaml --workdir w a.b=1`); argparse stops
+    # filling a positional list at the first option, so collect the stragglers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from pipeline.config import ConfigError
     from pipeline.data.manifest import DataError
+    from pipeline.train.preemption import REQUEUE_EXIT
+    from pipeline.train.stage_runner import TrainingPreempted
 
     try:
         return dispatch(args)
+    except TrainingPreempted as e:
+        print(f"vitpipe: {e}", file=sys.stderr)
+        return REQUEUE_EXIT
     except ConfigError as e:
         print(f"vitpipe: config error: {e}", file=sys.stderr)
         return 2

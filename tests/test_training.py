@@ -44,10 +44,11 @@ def test_pretrain_ran_on_two_ranks_with_zero2_and_wrote_checkpoints(trained):
     assert pre["steps"] == 6 and pre["global_batch"] == 8 * 2
     # periodic (step 3) and final (step 6) DeepSpeed checkpoints, one optimizer shard per rank
     ckpts = work / "pretrain" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000006"
     for tag in ("step_00000003", "step_00000006"):
         shards = sorted(p.name for p in (ckpts / tag).glob("*optim_states.pt"))
         assert len(shards) == 2, shards
+        marker = json.loads((ckpts / tag / "COMMITTED").read_text())
+        assert marker["world_size"] == 2 and marker["step"] == int(tag[5:])
     # every val image evaluated exactly once across the two ranks
     assert pre["val_count"] == trained["prepare"]["val_samples"]
     assert 0.0 <= pre["val_accuracy"] <= 1.0 and pre["train_loss"] > 0

@@ -11,6 +11,10 @@ from pathlib import Path
 class LaunchError(RuntimeError):
     """A training job whose processes did not all finish cleanly."""
 
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def _has_cuda() -> bool:
     import torch
@@ -55,4 +59,4 @@ def launch_local(job_path: Path, nprocs: int, log_path: Path) -> None:
                 sys.stdout.flush()
         code = proc.wait()
     if code != 0:
-        raise LaunchError(f"training processes failed (exit {code}); full log: {log_path}")
+        raise LaunchError(f"training processes failed (exit {code}); full log: {log_path}", code)

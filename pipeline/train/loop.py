@@ -3,7 +3,10 @@
 Distribution is applied here, never in `pipeline/model`, in this fixed order:
   1. seed, build the model in fp32 on CPU (identical on every rank);
   2. for fine-tuning: load the weights pair at the new resolution, evaluate, replace the head;
-  3. wrap in a DeepSpeed engine (ZeRO partitioning, precision, gradient clipping).
+  3. activation checkpointing (wraps blocks; must precede the engine, which captures the module);
+  4. wrap in a DeepSpeed engine (ZeRO partitioning, precision, gradient clipping);
+  5. torch.compile through the engine (after partitioning, so ZeRO-3 hooks are compiled in);
+  6. restore the newest committed checkpoint: model, optimizer, scheduler, step, RNG, data position.
 Rank 0 alone logs (it gets a real tracker; the others a null one) and writes the final files.
 """
 
@@ -13,26 +16,41 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig, TrainConfig, from_dict, validate_model, validate_train
-from pipeline.data.loader import eval_batches, train_batches
+from pipeline.data.augment import TrainTransform, mix_batch
+from pipeline.data.loader import eval_batches
 from pipeline.data.manifest import load_manifest
+from pipeline.data.stream import StreamState, train_stream
 from pipeline.model.vit import build_model, flops_per_image, param_groups_for_weight_decay
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
 from pipeline.track import tracker_for_rank
+from pipeline.train import checkpoints
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
+from pipeline.train.flops import measure_peak_tflops
+from pipeline.train.preemption import REQUEUE_EXIT, Preemption
 from pipeline.train.schedule import lr_factor
 
 RESULT_FILE = "result.json"
+LOSSES_FILE = "losses.jsonl"
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is committed; exits with REQUEUE_EXIT."""
+
+    def __init__(self):
+        super().__init__(REQUEUE_EXIT)
 
 
 @dataclass
@@ -56,10 +74,14 @@ class TrainJob:
     """MLflow run that rank 0 logs to."""
     extra_meta: dict = field(default_factory=dict)
     """Written into model.json as is (e.g. where the weights came from)."""
+    stop_after: Optional[int] = None
+    """Testing and debugging: stop (as if preempted) after this optimizer step."""
 
     def save(self, path: str | Path) -> None:
-        """Write the job as JSON."""
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        """Write the job as JSON (atomically: every node may read it)."""
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainJob":
@@ -112,6 +134,14 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
 # --------------------------------------------------------------------------- engine
 
 
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every encoder block in backward (non-reentrant: works with ZeRO-3 hooks)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
 def build_engine(model: torch.nn.Module, t: TrainConfig, world: int, precision: str):
     """Optimizer (no decay on biases/norms/pos-embed/cls), warmup+decay schedule, DeepSpeed engine."""
     import deepspeed
@@ -149,139 +179,258 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------- the job
+# --------------------------------------------------------------------------- RNG and resume
+
+
+def _rng_state(mix_rng: np.random.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "mix": mix_rng.bit_generator.state}
+
+
+def _set_rng_state(state: dict, mix_rng: np.random.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    mix_rng.bit_generator.state = state["mix"]
+
+
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Trainer:
+    """One rank's training of one stage; `run()` returns rank 0's result."""
+
+    def __init__(self, job: TrainJob):
+        self.job = job
+        self.rank, self.world = init_distributed()
+        self.device = _device()
+        self.tracker = tracker_for_rank(self.rank, job.tracking_uri, job.run_id)
+        self.t = from_dict(TrainConfig, dict(job.train))
+        self.out_dir = Path(job.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.manifest = load_manifest(job.manifest)
+        self.preemption = Preemption()
+        self.result: dict = {"stage": job.stage, "world_size": self.world, "zero_stage": self.t.zero_stage}
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.job.stage}] {msg}", flush=True)
+
+    # -- model --------------------------------------------------------------------------------
+
+    def build_model(self):
+        t, job, m = self.t, self.job, self.manifest
+        torch.manual_seed(t.seed)
+        if job.init_from:
+            model, meta = model_from_pair(job.init_from, image_size=t.image_size, num_classes=m.num_classes,
+                                          class_names=m.class_names)
+            mcfg = model_config_from_meta(meta)
+        else:
+            mcfg = from_dict(ModelConfig, dict(job.model))
+            model, meta = build_model(mcfg, t.image_size, m.num_classes), None
+        validate_model(mcfg)
+        validate_train(t, mcfg, f"{job.stage}.")
+        self.mcfg = mcfg
+        self.norm = dict(image_size=t.image_size, in_channels=mcfg.in_channels, mean=mcfg.mean, std=mcfg.std)
+        if meta is not None and not checkpoints.latest(self.ckpt_root):
+            self.evaluate_before_finetuning(model, meta)
+        if meta is not None:
+            model.reset_head(m.num_classes)  # zero-initialized, as in the paper's transfer recipe
+        model.train()
+        return model
+
+    def val_batches(self):
+        return eval_batches(self.manifest, "val", batch_size=self.t.eval_batch, rank=self.rank,
+                            world_size=self.world, **self.norm)
+
+    def evaluate_before_finetuning(self, model, meta) -> None:
+        # The paper's question: how good is the pre-trained model at the new resolution, with
+        # resampled position embeddings, before any fine-tuning? Defined only when the classes
+        # (and so the head) carry over.
+        if list(meta.get("class_names") or []) == list(self.manifest.class_names):
+            model.eval()
+            before = evaluate(model, self.val_batches(), torch.device("cpu"), torch.float32)
+            self.result["val_accuracy_before"] = before["accuracy"]
+            self.tracker.log_metrics({"val_accuracy_before_finetune": before["accuracy"]}, step=0)
+        else:
+            self.result["val_accuracy_before"] = None
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save(self, engine, step: int, stream, mix_rng) -> str:
+        """Write and commit a checkpoint of every rank's state after `step`."""
+        tag = checkpoints.tag_for(step)
+        per_rank = _gather({"stream": stream.state.to_dict(), "rng": _rng_state(mix_rng)})
+        client = {"step": step, "world_size": self.world, "ranks": per_rank, "mlflow_run_id": self.job.run_id}
+        engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()  # every rank's files are on disk before the marker says so
+        if self.rank == 0:
+            checkpoints.commit(self.ckpt_root, tag, step, self.world, self.t.zero_stage)
+            checkpoints.prune(self.ckpt_root, self.t.keep_checkpoints)
+        dist.barrier()
+        return tag
+
+    def restore(self, engine):
+        """(start step, this rank's stream state, rng state) from the newest committed checkpoint."""
+        found = checkpoints.latest(self.ckpt_root) if self.t.resume == "auto" else None
+        if not found:
+            return 0, None, None
+        step, tag, info = found
+        if info["world_size"] != self.world:
+            raise RuntimeError(
+                f"{self.ckpt_root / tag}: written by {info['world_size']} rank(s), this job has {self.world}; "
+                "resuming on another number of ranks needs a universal checkpoint (see docs)"
+            )
+        _, client = engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        mine = client["ranks"][self.rank]
+        self.result["resumed_from_step"] = step
+        self.log(f"resumed from {tag} (committed by {info['world_size']} ranks)")
+        return step, StreamState.from_dict(mine["stream"]), mine["rng"]
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> dict | None:
+        t, job = self.t, self.job
+        model = self.build_model()
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        on_gpu = self.device.type != "cpu"
+        precision = resolve_precision(t.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+        engine = build_engine(model, t, self.world, precision)
+        if t.compile:
+            engine.compile()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.result["precision"] = precision
+
+        mix_rng = np.random.default_rng([t.seed, self.rank])
+        start_step, stream_state, rng_state = self.restore(engine)
+        if rng_state is not None:
+            _set_rng_state(rng_state, mix_rng)
+        a = t.augment
+        transform = TrainTransform(**self.norm, random_resized_crop=a.random_resized_crop, crop_scale=a.crop_scale,
+                                   crop_ratio=a.crop_ratio, hflip=a.hflip, randaugment_ops=a.randaugment_ops,
+                                   randaugment_magnitude=a.randaugment_magnitude)
+        stream = train_stream(self.manifest, transform=transform, micro_batch=t.micro_batch, rank=self.rank,
+                              world_size=self.world, workers=t.workers, shuffle_buffer=t.shuffle_buffer, seed=t.seed,
+                              sampling=t.sampling, max_corrupt_fraction=t.max_corrupt_fraction,
+                              base_url=t.shard_base_url, state=stream_state)
+        batches = iter(stream)
+
+        peak = t.peak_tflops or measure_peak_tflops(self.device, dtype)
+        flops_img = 3 * flops_per_image(model)  # forward + backward ≈ 3x forward (see flops_per_image)
+        global_batch = t.micro_batch * t.grad_accum * self.world
+        if self.rank == 0:
+            self.tracker.log_params({
+                "world_size": self.world, "precision": precision, "device": self.device.type,
+                "steps_per_epoch": stream.steps_per_epoch // t.grad_accum,
+                "dropped_per_epoch": stream.dropped_per_epoch * 1, "peak_tflops_per_rank": round(peak, 4),
+                "sampling": "resampled" if stream.settings.resampled else "exact",
+            })
+            self.log(f"{self.world} rank(s), ZeRO-{t.zero_stage}, {precision}; {stream.steps_per_epoch} micro "
+                     f"batches per rank per epoch, {stream.dropped_per_epoch} samples dropped per epoch")
+
+        losses_path = self.out_dir / LOSSES_FILE
+        window = torch.zeros(1, dtype=torch.float64)
+        window_steps, window_start = 0, time.perf_counter()
+        engine.train()
+        for step in range(start_step + 1, t.steps + 1):
+            step_loss = 0.0
+            corrupt: dict[str, int] = {}
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                for shard, n in batch["corrupt"].items():
+                    corrupt[shard] = corrupt.get(shard, 0) + n
+                images, targets = mix_batch(batch["images"], batch["labels"], self.manifest.num_classes,
+                                            mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
+                                            smoothing=t.label_smoothing, generator=mix_rng)
+                logits = engine(images.to(device=self.device, dtype=dtype))
+                loss = F.cross_entropy(logits.float(), targets.to(self.device))
+                engine.backward(loss)
+                engine.step()
+                step_loss += float(loss) / t.grad_accum
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"{job.stage}: loss became {step_loss} at step {step}; lower the lr")
+            # Per-step loss of every rank, averaged: the figure a resumed run must reproduce exactly.
+            mean_loss = torch.tensor([step_loss], dtype=torch.float64)
+            dist.all_reduce(mean_loss)
+            mean_loss = float(mean_loss) / self.world
+            if self.rank == 0:
+                with open(losses_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
+            window += mean_loss
+            window_steps += 1
+            if corrupt:
+                self.tracker.log_metrics({f"corrupt_images/{k.replace('/', '_')}": v for k, v in corrupt.items()}, step)
+            if step % max(t.log_every, 1) == 0 or step == t.steps:
+                self.log_window(engine, step, window, window_steps, window_start, global_batch, flops_img, peak, stream)
+                window.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                engine.eval()
+                ev = evaluate(engine, self.val_batches(), self.device, dtype)
+                engine.train()
+                self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"]}, step=step)
+            stop = self.stop_requested(step)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps) or stop:
+                tag = self.save(engine, step, stream, mix_rng)
+                window_start = time.perf_counter()  # checkpoint time is not training throughput
+                if stop:
+                    self.log(f"stopping after step {step} ({stop}); committed {tag}; resume continues from it")
+                    raise Preempted()
+        return self.finish(engine, stream, mix_rng, dtype, global_batch)
+
+    def stop_requested(self, step: int) -> str | None:
+        """Whether any rank was asked to stop (all ranks agree, so all checkpoint together)."""
+        flag = torch.tensor([1 if self.preemption.requested else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag):
+            return self.preemption.signal_name or "a signal on another rank"
+        if self.job.stop_after is not None and step >= self.job.stop_after:
+            return "stop_after"
+        return None
+
+    def log_window(self, engine, step, window, window_steps, window_start, global_batch, flops_img, peak, stream):
+        elapsed = time.perf_counter() - window_start
+        ips = global_batch * window_steps / elapsed
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "loss": float(window) / window_steps,
+            "lr": engine.get_lr()[0],
+            "images_per_s": ips,
+            "step_time_s": elapsed / window_steps,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "mfu": ips * flops_img / self.world / (peak * 1e12),
+            "epoch": stream.state.epoch + stream.state.batches_done / max(stream.steps_per_epoch, 1),
+        }
+        if self.device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.tracker.log_metrics(metrics, step=step)
+        self.log(f"step {step}/{self.t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                 f"{ips:.1f} img/s mfu {metrics['mfu']:.2f}")
+        self.result.update(train_loss=metrics["loss"], images_per_s=ips, mfu=metrics["mfu"])
+
+    def finish(self, engine, stream, mix_rng, dtype, global_batch) -> dict | None:
+        t, job = self.t, self.job
+        engine.eval()
+        ev = evaluate(engine, self.val_batches(), self.device, dtype)
+        self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"]}, step=t.steps)
+        self.result.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"], val_count=ev["count"],
+                           steps=t.steps, image_size=t.image_size, global_batch=global_batch)
+        final = checkpoints.latest(self.ckpt_root)
+        tag = final[1] if final and final[0] == t.steps else self.save(engine, t.steps, stream, mix_rng)
+        if self.rank == 0:
+            state = consolidated_state_dict(engine, self.ckpt_root, tag, t.zero_stage)
+            meta = weights_meta(self.mcfg, t.image_size, self.manifest.num_classes, self.manifest.class_names,
+                                stage=job.stage, steps=t.steps, val_accuracy=ev["accuracy"], **job.extra_meta)
+            save_weights_pair(self.out_dir, state, meta)
+            _atomic_json(self.out_dir / RESULT_FILE, self.result)
+        dist.barrier()
+        return self.result if self.rank == 0 else None
 
 
 def run_job(job: TrainJob) -> dict | None:
     """Train as one rank of the current process group; rank 0 returns (and writes) the result."""
-    rank, world = init_distributed()
-    device = _device()
-    tracker = tracker_for_rank(rank, job.tracking_uri, job.run_id)
-    t = from_dict(TrainConfig, dict(job.train))
-    out_dir = Path(job.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    manifest = load_manifest(job.manifest)
-    num_classes = len(manifest.class_names)
-
-    torch.manual_seed(t.seed)
-    result: dict = {"stage": job.stage, "world_size": world, "zero_stage": t.zero_stage}
-    if job.init_from:
-        model, meta = model_from_pair(
-            job.init_from, image_size=t.image_size, num_classes=num_classes, class_names=manifest.class_names
-        )
-        mcfg = model_config_from_meta(meta)
-    else:
-        mcfg = from_dict(ModelConfig, dict(job.model))
-        model = build_model(mcfg, t.image_size, num_classes)
-        meta = None
-    validate_model(mcfg)
-    validate_train(t, mcfg, f"{job.stage}.")
-    norm = dict(image_size=t.image_size, in_channels=mcfg.in_channels, mean=mcfg.mean, std=mcfg.std)
-    val_batches = partial(eval_batches, manifest, "val", batch_size=t.eval_batch, rank=rank, world_size=world, **norm)
-
-    if meta is not None:
-        # The paper's question: how good is the pre-trained model at the new resolution, with
-        # resampled position embeddings, before any fine-tuning? Only defined when the classes
-        # (and so the head) carry over.
-        same_classes = list(meta.get("class_names") or []) == list(manifest.class_names)
-        if same_classes:
-            model.eval()
-            before = evaluate(model, val_batches(), torch.device("cpu"), torch.float32)
-            result["val_accuracy_before"] = before["accuracy"]
-            tracker.log_metrics({"val_accuracy_before_finetune": before["accuracy"]}, step=0)
-        else:
-            result["val_accuracy_before"] = None
-        model.reset_head(num_classes)  # zero-initialized, as in the paper's transfer recipe
-        model.train()
-
-    on_gpu = device.type != "cpu"
-    precision = resolve_precision(t.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-    engine = build_engine(model, t, world, precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    result["precision"] = precision
-    if rank == 0:
-        tracker.log_params({"world_size": world, "precision": precision, "device": str(device.type)})
-
-    # Resume: a run folder that already holds a complete checkpoint continues from it.
-    start_step = 0
-    if (ckpt_root / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_root))
-        start_step = int((client or {}).get("step", 0))
-        result["resumed_from_step"] = start_step
-
-    batches = iter(
-        train_batches(
-            manifest,
-            micro_batch=t.micro_batch,
-            rank=rank,
-            world_size=world,
-            workers=t.workers,
-            shuffle_buffer=t.shuffle_buffer,
-            seed=t.seed + start_step,
-            **norm,
-        )
-    )
-    flops_img = 3 * flops_per_image(model)  # forward + backward ≈ 3x forward (documented in flops_per_image)
-    global_batch = t.micro_batch * t.grad_accum * world
-    window_loss, window_steps, window_start = torch.zeros(1, dtype=torch.float64), 0, time.perf_counter()
-    last_eval: dict = {}
-    engine.train()
-    step = start_step
-    for step in range(start_step + 1, t.steps + 1):
-        for _ in range(t.grad_accum):
-            images, labels = next(batches)
-            logits = engine(images.to(device=device, dtype=dtype))
-            loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=t.label_smoothing)
-            engine.backward(loss)
-            engine.step()
-            window_loss += loss.detach().double().cpu() / t.grad_accum
-        window_steps += 1
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"{job.stage}: loss became {float(loss)} at step {step}; lower the lr")
-        if step % max(t.log_every, 1) == 0 or step == t.steps:
-            dist.all_reduce(window_loss)  # mean over ranks as well as steps
-            elapsed = time.perf_counter() - window_start
-            ips = global_batch * window_steps / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "loss": float(window_loss) / (world * window_steps),
-                "lr": engine.get_lr()[0],
-                "images_per_s": ips,
-                "step_time_s": elapsed / window_steps,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "achieved_tflops": ips * flops_img / 1e12,
-            }
-            tracker.log_metrics(metrics, step=step)
-            if rank == 0:
-                print(f"[{job.stage}] step {step}/{t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                      f"{ips:.1f} img/s", flush=True)
-            result["train_loss"] = metrics["loss"]
-            result["images_per_s"] = ips
-            window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            engine.eval()
-            last_eval = evaluate(engine, val_batches(), device, dtype)
-            engine.train()
-            tracker.log_metrics({"val_accuracy": last_eval["accuracy"], "val_loss": last_eval["loss"]}, step=step)
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
-            engine.save_checkpoint(str(ckpt_root), tag=f"step_{step:08d}", client_state={"step": step})
-            window_start = time.perf_counter()  # checkpoint time is not training throughput
-
-    engine.eval()
-    last_eval = evaluate(engine, val_batches(), device, dtype)
-    tracker.log_metrics({"val_accuracy": last_eval["accuracy"], "val_loss": last_eval["loss"]}, step=t.steps)
-    result.update(val_accuracy=last_eval["accuracy"], val_loss=last_eval["loss"], val_count=last_eval["count"],
-                  steps=t.steps, image_size=t.image_size, global_batch=global_batch)
-
-    tag = f"step_{t.steps:08d}"
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": t.steps})
-    dist.barrier()
-    if rank == 0:
-        state = consolidated_state_dict(engine, ckpt_root, tag, t.zero_stage)
-        model_meta = weights_meta(mcfg, t.image_size, num_classes, manifest.class_names, stage=job.stage,
-                                  steps=t.steps, val_accuracy=last_eval["accuracy"], **job.extra_meta)
-        save_weights_pair(out_dir, state, model_meta)
-        _atomic_json(out_dir / RESULT_FILE, result)
-    dist.barrier()
-    return result if rank == 0 else None
+    return Trainer(job).run()

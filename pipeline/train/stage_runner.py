@@ -8,10 +8,15 @@ from pathlib import Path
 from pipeline.launch.local import LaunchError, launch_local
 from pipeline.track import MLflowTracker, Tracker
 from pipeline.train.loop import RESULT_FILE, TrainJob
+from pipeline.train.preemption import REQUEUE_EXIT
 
 
 class TrainingError(RuntimeError):
     """A training stage whose ranks failed; the message is the failing rank's own error."""
+
+
+class TrainingPreempted(RuntimeError):
+    """The ranks stopped on request after committing a checkpoint; running the stage again resumes."""
 
 
 def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
@@ -27,6 +32,9 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
     try:
         launch_local(job_path, nprocs, out_dir / "train.log")
     except LaunchError as e:
+        if e.exit_code == REQUEUE_EXIT:
+            raise TrainingPreempted(f"{job.stage} stopped on request after committing a checkpoint in "
+                                    f"{out_dir / 'checkpoints'}; run the same command again to resume") from None
         errors = sorted(out_dir.glob("error-rank*.txt"))
         if errors:
             first = errors[0].read_text().strip()

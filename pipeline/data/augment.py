@@ -1,0 +1,151 @@
+"""Pre-training augmentation without torchvision: random resized crop, flip, RandAugment (PIL),
+and batch-level mixup/cutmix with label smoothing (torch).
+
+Per-image randomness comes from a `random.Random` the caller seeds from (seed, epoch, shard, key),
+so an image gets the same augmentation whether or not the run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from pipeline.data.loader import make_transform
+
+
+# ------------------------------------------------------------------------------- RandAugment
+
+
+def _level(magnitude: float, max_value: float, rng: random.Random, signed: bool = True) -> float:
+    v = magnitude / 10.0 * max_value
+    return -v if signed and rng.random() < 0.5 else v
+
+
+def _fill(img: Image.Image):
+    return 0 if img.mode == "L" else (0, 0, 0)
+
+
+# name -> f(img, magnitude 0..10, rng); the op list of RandAugment (Cubuk et al., 2020).
+_OPS = {
+    "identity": lambda img, m, r: img,
+    "autocontrast": lambda img, m, r: ImageOps.autocontrast(img),
+    "equalize": lambda img, m, r: ImageOps.equalize(img),
+    "rotate": lambda img, m, r: img.rotate(_level(m, 30, r), resample=Image.Resampling.BILINEAR, fillcolor=_fill(img)),
+    "solarize": lambda img, m, r: ImageOps.solarize(img, 256 - int(m / 10 * 256)),
+    "color": lambda img, m, r: ImageEnhance.Color(img).enhance(1 + _level(m, 0.9, r)),
+    "posterize": lambda img, m, r: ImageOps.posterize(img, max(1, 8 - int(m / 10 * 4))),
+    "contrast": lambda img, m, r: ImageEnhance.Contrast(img).enhance(1 + _level(m, 0.9, r)),
+    "brightness": lambda img, m, r: ImageEnhance.Brightness(img).enhance(1 + _level(m, 0.9, r)),
+    "sharpness": lambda img, m, r: ImageEnhance.Sharpness(img).enhance(1 + _level(m, 0.9, r)),
+    "shear_x": lambda img, m, r: img.transform(img.size, Image.Transform.AFFINE, (1, _level(m, 0.3, r), 0, 0, 1, 0),
+                                               resample=Image.Resampling.BILINEAR, fillcolor=_fill(img)),
+    "shear_y": lambda img, m, r: img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, _level(m, 0.3, r), 1, 0),
+                                               resample=Image.Resampling.BILINEAR, fillcolor=_fill(img)),
+    "translate_x": lambda img, m, r: img.transform(img.size, Image.Transform.AFFINE,
+                                                   (1, 0, _level(m, 0.45, r) * img.size[0], 0, 1, 0),
+                                                   fillcolor=_fill(img)),
+    "translate_y": lambda img, m, r: img.transform(img.size, Image.Transform.AFFINE,
+                                                   (1, 0, 0, 0, 1, _level(m, 0.45, r) * img.size[1]),
+                                                   fillcolor=_fill(img)),
+}
+
+
+def rand_augment(img: Image.Image, num_ops: int, magnitude: float, rng: random.Random) -> Image.Image:
+    """Apply `num_ops` ops drawn uniformly from the RandAugment list at `magnitude` (0-10)."""
+    for name in rng.choices(sorted(_OPS), k=num_ops):
+        img = _OPS[name](img, magnitude, rng)
+    return img
+
+
+# ------------------------------------------------------------------------------- per image
+
+
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+                            rng: random.Random) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a crop with area fraction in `scale` and aspect ratio in `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    side = min(width, height)  # fall back to a central square crop
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+@dataclass
+class TrainTransform:
+    """PIL image + rng -> normalized (C, H, W) tensor, with the configured augmentations."""
+
+    image_size: int
+    in_channels: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    random_resized_crop: bool = False
+    crop_scale: Sequence[float] = (0.08, 1.0)
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3)
+    hflip: bool = False
+    randaugment_ops: int = 0
+    randaugment_magnitude: float = 9.0
+
+    def __post_init__(self):
+        self._finish = make_transform(self.image_size, self.in_channels, self.mean, self.std)
+
+    def __call__(self, image: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
+        rng = rng or random.Random(0)
+        image = image.convert("L" if self.in_channels == 1 else "RGB")
+        if self.random_resized_crop:
+            box = random_resized_crop_box(image.width, image.height, self.crop_scale, self.crop_ratio, rng)
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
+        if self.hflip and rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+        if self.randaugment_ops:
+            image = rand_augment(image, self.randaugment_ops, self.randaugment_magnitude, rng)
+        return self._finish(image)
+
+
+def eval_transform(image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float]):
+    """Evaluation: plain resize to the model's resolution (no crop: the stored images are the objects)."""
+    return make_transform(image_size, in_channels, mean, std)
+
+
+# ------------------------------------------------------------------------------- per batch
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, mixup_alpha: float,
+              cutmix_alpha: float, prob: float, smoothing: float, generator: np.random.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (chosen per batch) with label smoothing -> (images, soft targets (B, classes))."""
+    off = smoothing / num_classes
+    targets = torch.full((len(labels), num_classes), off, dtype=torch.float32)
+    targets.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
+    use_mix = (mixup_alpha > 0 or cutmix_alpha > 0) and generator.random() < prob
+    if not use_mix:
+        return images, targets
+    flipped = torch.flip(torch.arange(len(labels)), dims=[0])  # pair each image with its mirror in the batch
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or generator.random() < 0.5)
+    if use_cutmix:
+        lam = float(generator.beta(cutmix_alpha, cutmix_alpha))
+        h, w = images.shape[-2:]
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(generator.integers(h)), int(generator.integers(w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = images[flipped][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area really pasted
+    else:
+        lam = float(generator.beta(mixup_alpha, mixup_alpha))
+        images = images * lam + images[flipped] * (1 - lam)
+    return images, targets * lam + targets[flipped] * (1 - lam)

@@ -1,0 +1,459 @@
+"""Exactly-once, resumable streaming of training shards across ranks and loader workers.
+
+The plan of an epoch is a pure function of (manifest counts, seed, epoch, ranks, workers, batch):
+
+* shards are shuffled with a generator seeded by (seed, epoch) and dealt, largest load first, to
+  ``ranks x workers`` *streams* so that streams carry nearly equal sample counts;
+* every stream yields the same number of batches ``n = min_s floor((count_s - allowance_s) / B)``,
+  so every rank runs exactly ``workers x n`` steps per epoch and no collective ever waits for a
+  rank that ran dry; the remainder (at most one batch plus the corruption allowance per stream,
+  plus the imbalance between streams) is dropped and reported;
+* within a stream, samples pass a seeded shuffle buffer; each sample is read once per epoch.
+
+A stream reads its shards whole, hashing the bytes as they stream past: a shard whose size,
+sha256 or sample count disagrees with the manifest is an error naming it, and a truncated tar can
+never end an epoch silently. Image and label always come from the same key of the same shard.
+A sample whose image does not decode is skipped and counted; a stream that skips more than its
+allowance stops the job.
+
+Position: each batch carries its stream's raw position (samples taken from the shuffle buffer,
+decoded or skipped). `TrainStream.state()` holds (epoch, batches done, per-stream positions);
+`load_state` makes the next batch exactly the one an uninterrupted run would have produced, by
+re-reading the consumed raw samples without decoding them.
+
+Resampled mode (very large datasets, or fewer shards than streams): each stream draws shards with
+replacement from a generator seeded by (seed, epoch, stream); the epoch length is nominal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import random
+import subprocess
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tar_file_iterator
+
+from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, load_manifest
+
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- opening shard URLs
+
+
+def open_url(url: str):
+    """A readable binary stream for a local path, file://, http(s)://, s3:// or pipe:<command> URL."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
+        return _PipeStream(proc, url)
+    if url.startswith(("http://", "https://")):
+        try:
+            return urllib.request.urlopen(url, timeout=60)
+        except OSError as e:
+            raise DataError(f"{url}: cannot open ({e})") from None
+    if url.startswith("s3://"):
+        bucket, _, key = url[5:].partition("/")
+        try:
+            import boto3
+        except ImportError:
+            raise DataError(f"{url}: reading s3:// needs boto3 (pip install boto3)") from None
+        # boto3 reads credentials, region and AWS_ENDPOINT_URL from the usual environment variables.
+        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as e:  # botocore's ClientError and connection errors
+            raise DataError(f"{url}: cannot open ({e})") from None
+    path = url[7:] if url.startswith("file://") else url
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{url}: cannot open shard ({e.strerror})") from None
+
+
+class _PipeStream(io.RawIOBase):
+    def __init__(self, proc: subprocess.Popen, url: str):
+        self.proc, self.url = proc, url
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.proc.stdout.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            code = self.proc.wait()
+            super().close()
+            if code != 0:
+                raise DataError(f"{self.url}: command exited with status {code}")
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes reads through while counting and hashing the bytes (so verification costs no extra I/O)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.nbytes += n
+        return n
+
+    def drain(self) -> None:
+        """Read to the end (tar readers stop at the end-of-archive marker, before the padding)."""
+        while chunk := self.raw.read(_CHUNK):
+            self.sha.update(chunk)
+            self.nbytes += len(chunk)
+
+
+def read_shard(url: str, record: dict, name: str) -> Iterator[dict]:
+    """Samples {"__key__", "__shard__", <ext>: bytes} of one shard, verified against its manifest record."""
+    raw = open_url(url)
+    reader = _HashingReader(raw)
+    count = 0
+    try:
+        current: dict | None = None
+        try:
+            for member in tar_file_iterator(io.BufferedReader(reader, _CHUNK)):
+                base, _, ext = member["fname"].rpartition(".")
+                if not base:
+                    raise DataError(f"{name}: member {member['fname']!r} has no extension")
+                if current is not None and base != current["__key__"]:
+                    _check_sample(current, name)
+                    count += 1
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": base, "__shard__": name}
+                if ext.lower() in current:
+                    raise DataError(f"{name}: sample {base!r} has two .{ext} members")
+                current[ext.lower()] = member["data"]
+        except DataError:
+            raise
+        except Exception as e:  # tarfile/OS errors from a damaged or cut stream
+            raise DataError(f"{name}: cannot read shard ({type(e).__name__}: {e})") from None
+        if current is not None:
+            _check_sample(current, name)
+            count += 1
+            yield current
+        reader.drain()
+    finally:
+        raw.close()
+    if reader.nbytes != record["bytes"]:
+        raise DataError(f"{name}: read {reader.nbytes} bytes but the manifest records {record['bytes']} "
+                        "(truncated or rewritten; re-run prepare)")
+    if reader.sha.hexdigest() != record["sha256"]:
+        raise DataError(f"{name}: sha256 {reader.sha.hexdigest()[:12]}... differs from the manifest's "
+                        f"{record['sha256'][:12]}... (the shard changed after prepare)")
+    if count != record["samples"]:
+        raise DataError(f"{name}: read {count} samples but the manifest records {record['samples']}")
+
+
+def _check_sample(sample: dict, shard: str) -> None:
+    has_image = any(s in sample for s in IMAGE_SUFFIXES)
+    if not has_image or "cls" not in sample:
+        fields = sorted(k for k in sample if not k.startswith("__"))
+        raise DataError(f"{shard}: sample {sample['__key__']!r} lacks an image or its .cls label (has {fields}); "
+                        "image and label must share a key")
+
+
+# --------------------------------------------------------------------------- the plan of an epoch
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards each stream reads in one epoch, and how many batches every stream yields."""
+
+    epoch: int
+    streams: list[list[int]]
+    """Shard indices per stream; stream id = rank * workers + worker."""
+    stream_samples: list[int]
+    batches_per_stream: int
+    allowance: list[int]
+    """Corrupt samples each stream may skip before the job stops."""
+    dropped: int
+    """Training samples not seen this epoch (so that every rank runs the same number of steps)."""
+
+
+def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, world_size: int, workers: int, micro_batch: int,
+               max_corrupt_fraction: float = 0.0, resampled: bool = False, where: str = "manifest") -> EpochPlan:
+    """The deterministic plan of `epoch`; raises DataError when the shards cannot feed every stream."""
+    nstreams = world_size * max(1, workers)
+    total = sum(counts)
+    if resampled:
+        nominal = total // nstreams
+        streams: list[list[int]] = []
+        for s in range(nstreams):
+            rng = random.Random(f"{seed}:{epoch}:{s}:resampled")
+            want = nominal + math.ceil(max_corrupt_fraction * nominal)
+            picked, have = [], 0
+            while have < max(want, 1):
+                i = rng.randrange(len(counts))
+                picked.append(i)
+                have += counts[i]
+            streams.append(picked)
+    else:
+        if len(counts) < nstreams:
+            raise DataError(
+                f"{where}: {len(counts)} train shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} "
+                f"loader worker(s): need at least {nstreams} shards. Re-run prepare with "
+                f"data.shard_max_samples <= {max(1, total // nstreams)}, use fewer workers, or set "
+                "sampling=resampled"
+            )
+        order = list(range(len(counts)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        streams = [[] for _ in range(nstreams)]
+        loads = [0] * nstreams
+        # Largest first into the least-loaded stream: near-equal streams, deterministic ties.
+        for i in sorted(order, key=lambda i: -counts[i]):
+            s = min(range(nstreams), key=lambda s: (loads[s], s))
+            streams[s].append(i)
+            loads[s] += counts[i]
+        for s in streams:  # read order within a stream follows the epoch's shuffle
+            s.sort(key=order.index)
+    stream_samples = [sum(counts[i] for i in s) for s in streams]
+    if resampled:
+        stream_samples = [min(n, total // nstreams + math.ceil(max_corrupt_fraction * (total // nstreams)))
+                          for n in stream_samples]
+    allowance = [math.floor(max_corrupt_fraction * n) for n in stream_samples]
+    n = min((c - a) // micro_batch for c, a in zip(stream_samples, allowance))
+    if n < 1:
+        raise DataError(f"{where}: {total} training samples over {nstreams} streams (ranks x workers) leave "
+                        f"fewer than micro_batch={micro_batch} samples per stream; lower micro_batch or workers")
+    used = n * micro_batch * nstreams
+    return EpochPlan(epoch, streams, stream_samples, n, allowance, max(0, total - used) if not resampled else 0)
+
+
+# --------------------------------------------------------------------------- one stream
+
+
+def _shuffled(items: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """A seeded shuffle buffer: each item comes out exactly once."""
+    buf: list[dict] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _decode(sample: dict) -> Image.Image:
+    for ext in IMAGE_SUFFIXES + ("jpeg",):
+        if ext in sample:
+            with io.BytesIO(sample[ext]) as f:
+                image = Image.open(f)
+                image.load()
+            return image
+    raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has no image")
+
+
+def _label(sample: dict, num_classes: int) -> int:
+    try:
+        label = int(sample["cls"].decode().strip())
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has a non-integer label") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has label {label}, "
+                        f"outside 0..{num_classes - 1}")
+    return label
+
+
+@dataclass
+class StreamSettings:
+    """What every stream of a training job shares (picklable, sent to loader workers)."""
+
+    urls: list[str]
+    names: list[str]
+    records: list[dict]
+    num_classes: int
+    transform: Callable
+    micro_batch: int
+    world_size: int
+    rank: int
+    workers: int
+    seed: int
+    shuffle_buffer: int
+    max_corrupt_fraction: float
+    resampled: bool
+    where: str
+
+
+class _EpochDataset(IterableDataset):
+    """Yields this rank's batches of one epoch; in a DataLoader, each worker serves one stream."""
+
+    def __init__(self, settings: StreamSettings, epoch: int, positions: dict[int, list[int]], batches_done: int):
+        self.s, self.epoch, self.positions, self.batches_done = settings, epoch, positions, batches_done
+
+    def __iter__(self):
+        s = self.s
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        # After a resume at batch k, the DataLoader starts again at worker 0, but the next batch is
+        # due from stream k % W: rotate which stream each worker serves.
+        local = (w + self.batches_done) % W
+        sid = s.rank * W + local
+        plan = plan_epoch([r["samples"] for r in s.records], seed=s.seed, epoch=self.epoch,
+                          world_size=s.world_size, workers=s.workers, micro_batch=s.micro_batch,
+                          max_corrupt_fraction=s.max_corrupt_fraction, resampled=s.resampled, where=s.where)
+        pos, done, corrupt = self.positions.get(sid, [0, 0, 0])
+        yield from self._stream(plan, sid, pos, done, corrupt)
+
+    def _raw(self, plan: EpochPlan, sid: int) -> Iterator[dict]:
+        for i in plan.streams[sid]:
+            yield from read_shard(self.s.urls[i], self.s.records[i], self.s.names[i])
+
+    def _stream(self, plan: EpochPlan, sid: int, pos: int, done: int, corrupt: int):
+        s = self.s
+        rng = random.Random(f"{s.seed}:{self.epoch}:{sid}:shuffle")
+        raw = _shuffled(self._raw(plan, sid), s.shuffle_buffer, rng)
+        for _ in range(pos):  # resume: re-read what was consumed, without decoding it
+            next(raw)
+        images, labels, keys = [], [], []
+        corrupt_by_shard: dict[str, int] = {}
+        while done < plan.batches_per_stream:
+            try:
+                sample = next(raw)
+            except StopIteration:
+                raise DataError(f"{s.where}: stream {sid} ran out of samples in epoch {self.epoch} "
+                                f"after {done} of {plan.batches_per_stream} batches") from None
+            pos += 1
+            label = _label(sample, s.num_classes)
+            try:
+                image = _decode(sample)
+            except DataError:
+                raise
+            except Exception:  # PIL's many decode errors: skip the sample, count it, maybe stop
+                corrupt += 1
+                corrupt_by_shard[sample["__shard__"]] = corrupt_by_shard.get(sample["__shard__"], 0) + 1
+                if corrupt > plan.allowance[sid]:
+                    raise DataError(
+                        f"{sample['__shard__']}: sample {sample['__key__']!r} does not decode; {corrupt} corrupt "
+                        f"image(s) in this stream exceed the allowed fraction {s.max_corrupt_fraction} "
+                        f"({plan.allowance[sid]} of {plan.stream_samples[sid]})"
+                    ) from None
+                continue
+            seed = f"{s.seed}:{self.epoch}:{sample['__shard__']}:{sample['__key__']}"
+            images.append(s.transform(image, random.Random(seed)))
+            labels.append(label)
+            keys.append(f"{sample['__shard__']}/{sample['__key__']}")
+            if len(images) == s.micro_batch:
+                done += 1
+                yield {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.int64),
+                       "keys": keys, "stream": sid, "position": [pos, done, corrupt],
+                       "corrupt": dict(corrupt_by_shard)}
+                images, labels, keys, corrupt_by_shard = [], [], [], {}
+
+
+# --------------------------------------------------------------------------- what training iterates
+
+
+@dataclass
+class StreamState:
+    """A training stream's position: part of every training checkpoint."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    positions: dict[int, list[int]] = field(default_factory=dict)
+    """stream id -> [raw samples consumed, batches yielded, corrupt samples skipped]."""
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done,
+                "positions": {str(k): v for k, v in self.positions.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamState":
+        return cls(int(d["epoch"]), int(d["batches_done"]), {int(k): list(v) for k, v in d["positions"].items()})
+
+
+class TrainStream:
+    """This rank's training batches, epoch after epoch, with a checkpointable position.
+
+    Iterating yields dicts with "images" (B, C, H, W), "labels" (B,), "keys" (B shard/key strings)
+    and "corrupt" (per-shard counts of skipped images since the previous batch).
+    """
+
+    def __init__(self, settings: StreamSettings, state: StreamState | None = None):
+        self.settings = settings
+        self.state = state or StreamState()
+        counts = [r["samples"] for r in settings.records]
+        self.plan0 = plan_epoch(counts, seed=settings.seed, epoch=0, world_size=settings.world_size,
+                                workers=settings.workers, micro_batch=settings.micro_batch,
+                                max_corrupt_fraction=settings.max_corrupt_fraction, resampled=settings.resampled,
+                                where=settings.where)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches every rank draws per epoch (the same on every rank)."""
+        return self.plan0.batches_per_stream * max(1, self.settings.workers)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Training samples left out of each epoch to keep ranks equal (0 in resampled mode)."""
+        return self.plan0.dropped
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            st = self.state
+            dataset = _EpochDataset(self.settings, st.epoch, dict(st.positions), st.batches_done)
+            if self.settings.workers > 0:
+                batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.settings.workers,
+                                          persistent_workers=False))
+            else:
+                batches = iter(dataset)
+            while st.batches_done < self.steps_per_epoch:
+                batch = next(batches)
+                st.positions[batch["stream"]] = batch["position"]
+                st.batches_done += 1
+                yield batch
+            del batches
+            self.state = StreamState(epoch=st.epoch + 1)
+
+
+def shard_urls(manifest: Manifest, split: str, base_url: Optional[str] = None) -> list[str]:
+    """Where each shard of `split` is read from: beside the manifest, or under `base_url`."""
+    if base_url:
+        return [f"{base_url.rstrip('/')}/{s['name']}" for s in manifest.shards(split)]
+    return [str(p) for p in manifest.shard_paths(split)]
+
+
+def train_stream(manifest: Manifest | str | Path, *, transform: Callable, micro_batch: int, rank: int,
+                 world_size: int, workers: int = 0, shuffle_buffer: int = 1000, seed: int = 0,
+                 sampling: str = "exact", max_corrupt_fraction: float = 0.0, base_url: Optional[str] = None,
+                 state: StreamState | None = None) -> TrainStream:
+    """This rank's `TrainStream` over the train split; `transform(image, rng)` -> (C, H, W) tensor."""
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+    records = manifest.shards("train")
+    nstreams = world_size * max(1, workers)
+    resampled = sampling == "resampled" or (sampling == "auto" and len(records) < nstreams)
+    settings = StreamSettings(
+        urls=shard_urls(manifest, "train", base_url), names=[r["name"] for r in records], records=records,
+        num_classes=manifest.num_classes, transform=transform, micro_batch=micro_batch, world_size=world_size,
+        rank=rank, workers=workers, seed=seed, shuffle_buffer=shuffle_buffer,
+        max_corrupt_fraction=max_corrupt_fraction, resampled=resampled, where=str(manifest.path),
+    )
+    return TrainStream(settings, state)

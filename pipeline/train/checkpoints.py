@@ -1,0 +1,71 @@
+"""Resumable training checkpoints: DeepSpeed state per tag, a commit marker written last, pruning.
+
+Contract (see also docs/checkpoints.md):
+* a checkpoint is the folder ``checkpoints/step_NNNNNNNN`` written by every rank through DeepSpeed;
+* it counts only once ``COMMITTED`` exists in it: rank 0 writes that marker after a barrier that
+  every rank reaches only when its own files are written, so a rank killed mid-save leaves a
+  folder without the marker, which resume never picks and the next save prunes;
+* resume order: this stage's run folder (newest committed) > nothing (start from init/scratch);
+* the last `keep` committed checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+MARKER = "COMMITTED"
+PREFIX = "step_"
+
+
+def tag_for(step: int) -> str:
+    """The folder name of the checkpoint written after optimizer step `step`."""
+    return f"{PREFIX}{step:08d}"
+
+
+def committed(root: Path) -> list[tuple[int, str, dict]]:
+    """(step, tag, marker contents) of every committed checkpoint under `root`, oldest first."""
+    out = []
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith(PREFIX) and (d / MARKER).is_file():
+            try:
+                info = json.loads((d / MARKER).read_text())
+            except json.JSONDecodeError:
+                continue  # a marker cut short cannot have been written by a finished commit
+            out.append((int(info["step"]), d.name, info))
+    return sorted(out)
+
+
+def latest(root: Path) -> tuple[int, str, dict] | None:
+    """The newest committed checkpoint, or None."""
+    found = committed(root)
+    return found[-1] if found else None
+
+
+def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int) -> None:
+    """Mark `tag` complete (rank 0, after every rank finished writing)."""
+    info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time()}
+    tmp = root / tag / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, root / tag / MARKER)
+
+
+def prune(root: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` committed checkpoints, and uncommitted ones older than the newest."""
+    done = committed(root)
+    keep_tags = {tag for _, tag, _ in done[-keep:]}
+    newest = done[-1][0] if done else -1
+    removed = []
+    for d in root.iterdir() if root.is_dir() else []:
+        if not (d.is_dir() and d.name.startswith(PREFIX)) or d.name in keep_tags:
+            continue
+        step = int(d.name[len(PREFIX):]) if d.name[len(PREFIX):].isdigit() else -1
+        if (d / MARKER).is_file() or step < newest:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
