@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "stage.json"
+# What an interrupted training stage keeps for its resume: the checkpoints and the logs they continue.
+RESUMABLE = {"checkpoints", "losses.jsonl", "train.log"}
 
 
 class StageError(RuntimeError):
@@ -67,7 +69,7 @@ def begin(out_dir: Path, fp: str) -> None:
     keep_ckpt = ckpt_fp.is_file() and ckpt_fp.read_text().strip() == fp
     if out_dir.exists():
         for child in out_dir.iterdir():
-            if child.name == "checkpoints" and keep_ckpt:
+            if keep_ckpt and child.name in RESUMABLE:
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)

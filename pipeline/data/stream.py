@@ -388,6 +388,14 @@ class StreamState:
         return cls(int(d["epoch"]), int(d["batches_done"]), {int(k): list(v) for k, v in d["positions"].items()})
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then stops them."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class TrainStream:
     """This rank's training batches, epoch after epoch, with a checkpointable position.
 
@@ -420,7 +428,7 @@ class TrainStream:
             dataset = _EpochDataset(self.settings, st.epoch, dict(st.positions), st.batches_done)
             if self.settings.workers > 0:
                 batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.settings.workers,
-                                          persistent_workers=False))
+                                          persistent_workers=False, worker_init_fn=_ignore_stop_signals))
             else:
                 batches = iter(dataset)
             while st.batches_done < self.steps_per_epoch:

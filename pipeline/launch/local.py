@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,15 +49,23 @@ def launch_local(job_path: Path, nprocs: int, log_path: Path) -> None:
     """Run the job on `nprocs` local ranks; output goes to the console and to `log_path`."""
     cmd = torchrun_command(nprocs, job_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, env=worker_env(nprocs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if line.startswith(("[pretrain]", "[finetune]")):  # our progress lines, not library chatter
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        code = proc.wait()
+        # Preemption reaches this process first (Kubernetes signals PID 1, a user presses Ctrl-C):
+        # pass it on as SIGTERM, which torchrun forwards to the ranks; they checkpoint and exit.
+        forward = lambda signum, frame: proc.send_signal(signal.SIGTERM)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith(("[pretrain]", "[finetune]")):  # our progress lines, not library chatter
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if code != 0:
         raise LaunchError(f"training processes failed (exit {code}); full log: {log_path}", code)

@@ -44,6 +44,7 @@ from pipeline.train.schedule import lr_factor
 
 RESULT_FILE = "result.json"
 LOSSES_FILE = "losses.jsonl"
+PREEMPTED_FILE = "preempted.json"
 
 
 class Preempted(SystemExit):
@@ -286,6 +287,11 @@ class Trainer:
             )
         _, client = engine.load_checkpoint(str(self.ckpt_root), tag=tag)
         mine = client["ranks"][self.rank]
+        if self.rank == 0:  # forget losses logged after the checkpoint: those steps run again
+            losses = self.out_dir / LOSSES_FILE
+            if losses.is_file():
+                kept = [line for line in losses.read_text().splitlines() if json.loads(line)["step"] <= step]
+                losses.write_text("".join(line + "\n" for line in kept))
         self.result["resumed_from_step"] = step
         self.log(f"resumed from {tag} (committed by {info['world_size']} ranks)")
         return step, StreamState.from_dict(mine["stream"]), mine["rng"]
@@ -379,6 +385,8 @@ class Trainer:
                 window_start = time.perf_counter()  # checkpoint time is not training throughput
                 if stop:
                     self.log(f"stopping after step {step} ({stop}); committed {tag}; resume continues from it")
+                    if self.rank == 0:
+                        _atomic_json(self.out_dir / PREEMPTED_FILE, {"step": step, "tag": tag, "reason": stop})
                     raise Preempted()
         return self.finish(engine, stream, mix_rng, dtype, global_batch)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.launch.local import LaunchError, launch_local
 from pipeline.track import MLflowTracker, Tracker
-from pipeline.train.loop import RESULT_FILE, TrainJob
+from pipeline.train.loop import PREEMPTED_FILE, RESULT_FILE, TrainJob
 from pipeline.train.preemption import REQUEUE_EXIT
 
 
@@ -27,12 +27,12 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
         job.tracking_uri, job.run_id = tracker.tracking_uri, tracker.run_id
     job_path = out_dir / "job.json"
     job.save(job_path)
-    for stale in out_dir.glob("error-rank*.txt"):
-        stale.unlink()
+    for stale in [*out_dir.glob("error-rank*.txt"), out_dir / PREEMPTED_FILE]:
+        stale.unlink(missing_ok=True)
     try:
         launch_local(job_path, nprocs, out_dir / "train.log")
     except LaunchError as e:
-        if e.exit_code == REQUEUE_EXIT:
+        if e.exit_code == REQUEUE_EXIT or (out_dir / PREEMPTED_FILE).is_file():
             raise TrainingPreempted(f"{job.stage} stopped on request after committing a checkpoint in "
                                     f"{out_dir / 'checkpoints'}; run the same command again to resume") from None
         errors = sorted(out_dir.glob("error-rank*.txt"))

@@ -1,0 +1,105 @@
+"""Exact resume: the loss after resuming equals, step for step, the loss of an uninterrupted run.
+
+Real 2-rank DeepSpeed runs with 2 loader workers per rank, stochastic depth, mixup and label
+smoothing on (so model RNG, mixing RNG and the data position must all be restored), crossing an
+epoch boundary after the resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.track import NullTracker
+from pipeline.train import checkpoints
+from pipeline.train.loop import LOSSES_FILE, TrainJob
+from pipeline.train.stage_runner import TrainingPreempted, run_training
+from stages import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
+OVERRIDES = ["pretrain.steps=26", "pretrain.workers=2", "pretrain.log_every=5", "pretrain.checkpoint_every=0",
+             "model.drop_path=0.1", "pretrain.augment.mixup_alpha=0.2", "pretrain.label_smoothing=0.1",
+             "pretrain.augment.random_resized_crop=true", "pretrain.augment.crop_scale=[0.5, 1.0]"]
+
+pytestmark = pytest.mark.slow
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Loss per step; a resumed run's later lines win over an interrupted run's lines for the same step."""
+    out = {}
+    for line in (out_dir / LOSSES_FILE).read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("resume")
+    cfg = load_config(TINY, OVERRIDES)
+    manifest = prepare.run(cfg.data, work / "prepare")["manifest"]
+
+    def job(out: str, **extra) -> TrainJob:
+        return TrainJob(stage="pretrain", model=dataclasses.asdict(cfg.model), train=dataclasses.asdict(cfg.pretrain),
+                        manifest=manifest, out_dir=str(work / out), **extra)
+
+    reference = run_training(job("reference"), 2, NullTracker())
+    return {"work": work, "cfg": cfg, "manifest": manifest, "job": job, "reference": reference,
+            "ref_losses": losses(work / "reference")}
+
+
+def test_reference_run_crosses_an_epoch(setup):
+    assert len(setup["ref_losses"]) == 26
+    assert setup["reference"]["steps"] == 26
+
+
+def test_resume_after_step_k_reproduces_the_uninterrupted_losses(setup):
+    job = setup["job"]
+    with pytest.raises(TrainingPreempted, match="run the same command again to resume"):
+        run_training(job("interrupted", stop_after=17), 2, NullTracker())
+    root = setup["work"] / "interrupted" / "checkpoints"
+    assert checkpoints.latest(root)[0] == 17
+    result = run_training(job("interrupted"), 2, NullTracker())
+    assert result["resumed_from_step"] == 17
+    got, ref = losses(setup["work"] / "interrupted"), setup["ref_losses"]
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == ref[step], (step, got[step], ref[step])
+    assert result["val_accuracy"] == setup["reference"]["val_accuracy"]
+
+
+def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
+    out_dir = setup["work"] / "sigterm"
+    cmd = [sys.executable, "-m", "pipeline", "pretrain", str(TINY), *OVERRIDES, "pretrain.steps=80",
+           "tracking.enabled=false", "--manifest", setup["manifest"], "--out", str(out_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    losses_file = out_dir / LOSSES_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and (not losses_file.exists() or len(losses_file.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes sends to PID 1 on preemption
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: a status schedulers requeue on
+    assert "stopped on request after committing a checkpoint" in err
+    stopped = checkpoints.latest(out_dir / "checkpoints")
+    assert stopped is not None and 3 <= stopped[0] < 80
+    assert not (out_dir / "model.safetensors").exists() and not (out_dir / "stage.json").exists()
+
+    # The same command again: resume: auto continues from the committed checkpoint to the end.
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from step_{stopped[0]:08d}" in done.stdout
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["resumed_from_step"] == stopped[0] and result["steps"] == 80
+    lines = [json.loads(x)["step"] for x in (out_dir / LOSSES_FILE).read_text().splitlines()]
+    assert lines == list(range(1, 81))  # every step once: none missing, none repeated
+    assert (out_dir / "model.safetensors").is_file()
