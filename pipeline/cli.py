@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.launch.submit_cli import add_submit_parsers
 
     add_submit_parsers(sub)
+    from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
+
+    add_shards_parser(sub)
+    add_bench_data_parser(sub)
     return parser
 
 
@@ -109,6 +113,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
     if (code := dispatch_submit(args)) is not None:  # submit, status, logs
         return code
+    if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
+        from pipeline.data.shards_cli import run_bench_data, run_shards
+
+        return run_shards(args) if args.command == "shards" else run_bench_data(args)
     cfg = load_config(args.recipe, args.overrides)
     if args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

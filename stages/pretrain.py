@@ -18,6 +18,13 @@ from pipeline.train.stage_runner import run_training
 from stages import record
 
 
+def build_job(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: str | Path) -> TrainJob:
+    """The job every rank runs, the same whether launched here or per node (pipeline.launch.entry)."""
+    manifest = str(Path(manifest).resolve())
+    return TrainJob(stage="pretrain", model=dataclasses.asdict(model), train=dataclasses.asdict(train),
+                    manifest=manifest, out_dir=str(Path(out_dir).resolve()), extra_meta={"manifest": manifest})
+
+
 def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: str | Path,
         tracker: Tracker | None = None, force: bool = False) -> dict:
     """Pre-train from scratch (or resume this folder's checkpoints); return the result with `weights`."""
@@ -33,8 +40,7 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     record.begin(out_dir, fp)
     record.mark_checkpoints(out_dir, fp)
     tracker.log_params(cfg)
-    job = TrainJob(stage="pretrain", model=cfg["model"], train=cfg["train"], manifest=str(Path(manifest).resolve()),
-                   out_dir=str(out_dir.resolve()), extra_meta={"manifest": str(Path(manifest).resolve())})
+    job = build_job(model, train, manifest, out_dir)
     result = run_training(job, train.ranks, tracker)
     result["weights"] = str(out_dir / "model.safetensors")
     tracker.log_artifact(out_dir / "model.json")

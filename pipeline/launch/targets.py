@@ -1,0 +1,529 @@
+"""Describe one training job and render it for a launcher: local, torchrun, SLURM, Kubernetes, DeepSpeed.
+
+Every multi-node target runs the same per-rank program, ``python -m pipeline.launch.entry <recipe>
+[overrides] --workdir D --stage pretrain``, under a launcher that starts one agent per node:
+
+  local     ``vitpipe pretrain`` with ``pretrain.ranks = nodes x gpus_per_node`` on this machine
+  torchrun  one ``torchrun`` command per node (c10d or static rendezvous at host:port)
+  slurm     an sbatch script: one task per node runs torchrun; rendezvous on the allocation's first node
+  k8s       a Kubeflow PyTorchJob (Master + Workers); torchrun takes its arguments from the PET_* env
+            the training operator injects
+  hostfile  a DeepSpeed hostfile and the ``deepspeed --hostfile`` command (pdsh/ssh to every host)
+
+Rendering is pure (a `JobSpec` in, text or argv out); `submit` and the status/log readers run tools.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+TARGETS = ("local", "torchrun", "slurm", "k8s", "hostfile")
+ENTRY_MODULE = "pipeline.launch.entry"
+DEFAULT_RDZV_PORT = 29500
+# The port the Kubeflow training operator looks for (by this name) on the Master container.
+K8S_MASTER_PORT = 23456
+# Forwarded to the ranks as is: where to track, and the object store behind MLflow's artifacts.
+PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
+                   "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN")
+# Never written into a manifest or script in clear text (k8s reads them from a Secret; sbatch
+# exports the submitting shell's environment).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# torchrun forwards these to its workers; SIGUSR1 is how SLURM announces the end of the time limit.
+ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+INSTALL_HINTS = {
+    "sbatch": "install the SLURM client (Debian: apt-get install slurm-client)",
+    "squeue": "install the SLURM client (Debian: apt-get install slurm-client)",
+    "scontrol": "install the SLURM client (Debian: apt-get install slurm-client)",
+    "kubectl": "install kubectl (https://kubernetes.io/docs/tasks/tools/) and point it at the cluster",
+    "deepspeed": "install DeepSpeed (pip install deepspeed) and pdsh for ssh fan-out (apt-get install pdsh)",
+    "torchrun": "install PyTorch (pip install torch), which provides torchrun",
+}
+
+
+class SubmitError(RuntimeError):
+    """A job that could not be rendered or handed to its scheduler; the message says how to fix it."""
+
+
+class ToolMissing(SubmitError):
+    """A scheduler or launcher command that is not on PATH."""
+
+
+@dataclass
+class JobSpec:
+    """One training job, independent of where it runs."""
+
+    recipe: str
+    """Recipe YAML, as a path the nodes can read (shared filesystem or inside the image)."""
+    workdir: str
+    """Shared run folder: <workdir>/prepare/manifest.json is read, <workdir>/<stage>/ is written."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted ``key=value`` overrides, passed through unchanged."""
+    stage: Literal["pretrain"] = "pretrain"
+    """The training stage every rank runs."""
+    nodes: int = 1
+    """Number of machines (one launcher agent each)."""
+    gpus_per_node: int = 1
+    """Ranks per node: one per GPU (on a CPU-only machine, processes)."""
+    name: str = "vitpipe"
+    """Job name (SLURM job name, PyTorchJob name, rendezvous id); [a-z0-9-]."""
+    rdzv_endpoint: Optional[str] = None
+    """host:port where the nodes meet; SLURM and k8s derive it from the allocation."""
+    rdzv_backend: Literal["c10d", "static"] = "c10d"
+    """c10d: any node may host the store, ranks assigned at join; static: node_rank fixes the ranks."""
+    max_restarts: int = 0
+    """torchrun restarts of the whole worker group after a failure."""
+    manifest: Optional[str] = None
+    """manifest.json (default <workdir>/prepare/manifest.json)."""
+    hosts: list[str] = field(default_factory=list)
+    """Host names for the hostfile target (first one is the master)."""
+    image: str = "vitpipe:cuda"
+    """Container image for k8s (built from docker/Dockerfile.cuda)."""
+    time_limit: str = "24:00:00"
+    """SLURM wall-clock limit (HH:MM:SS or D-HH:MM:SS)."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    cpus_per_task: int = 8
+    """CPUs per node task (SLURM) or container CPU request (k8s)."""
+    gpu: bool = True
+    """Ask the scheduler for GPUs (off for CPU-only clusters and tests)."""
+    python: str = "python"
+    """Interpreter on the nodes (SLURM, hostfile): e.g. the venv's python on a shared filesystem."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment for the ranks (MLflow, object storage); see `passthrough_env`."""
+    k8s_secret: str = "vitpipe-s3"
+    """Kubernetes Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise SubmitError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", self.name):
+            raise SubmitError(f"job name {self.name!r}: use lower-case letters, digits and '-' (a Kubernetes name)")
+        if self.rdzv_endpoint is not None:
+            split_endpoint(self.rdzv_endpoint)
+        if self.max_restarts < 0:
+            raise SubmitError("--max-restarts must be >= 0")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.workdir) / "logs"
+
+
+def passthrough_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The MLflow and object-storage variables of `environ` (default os.environ) that are set."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in PASSTHROUGH_ENV if environ.get(k)}
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port), with a message that says what is wrong."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SubmitError(f"rendezvous endpoint {endpoint!r}: expected host:port, e.g. node001:{DEFAULT_RDZV_PORT}")
+    return host, int(port)
+
+
+def entry_args(spec: JobSpec) -> list[str]:
+    """Arguments after ``-m`` for the per-rank program (the same on every node)."""
+    args = [ENTRY_MODULE, spec.recipe, *spec.overrides, "--workdir", spec.workdir, "--stage", spec.stage]
+    if spec.manifest:
+        args += ["--manifest", spec.manifest]
+    return args
+
+
+def require_tool(name: str) -> str:
+    """Full path of `name` on PATH, or a `ToolMissing` error saying what to install."""
+    path = shutil.which(name)
+    if path is None:
+        raise ToolMissing(f"{name} not found: {INSTALL_HINTS.get(name, 'install it')} or use --dry-run")
+    return path
+
+
+# --------------------------------------------------------------------------- local
+
+
+def local_command(spec: JobSpec) -> list[str]:
+    """The stage command on this machine with nodes x gpus_per_node ranks."""
+    return [sys.executable, "-m", "pipeline", spec.stage, spec.recipe, *spec.overrides,
+            f"{spec.stage}.ranks={spec.world_size}", "--workdir", spec.workdir,
+            *(["--manifest", spec.manifest] if spec.manifest else [])]
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def torchrun_command(spec: JobSpec, node_rank: int | str, endpoint: str | None = None,
+                     rdzv_id: str | None = None, nnodes: str | int | None = None) -> list[str]:
+    """The launcher command for one node; `node_rank`/`endpoint` may be shell expressions (SLURM)."""
+    endpoint = endpoint or spec.rdzv_endpoint
+    if endpoint is None:
+        raise SubmitError("the torchrun target needs --rdzv host:port (the address of node 0, reachable from every node)")
+    if isinstance(node_rank, int) and not 0 <= node_rank < spec.nodes:
+        raise SubmitError(f"--node-rank {node_rank}: must be in [0, {spec.nodes})")
+    cmd = ["torchrun", f"--nnodes={nnodes or spec.nodes}", f"--nproc_per_node={spec.gpus_per_node}",
+           f"--node_rank={node_rank}", f"--max_restarts={spec.max_restarts}"]
+    if spec.rdzv_backend == "static":
+        host, port = endpoint.rsplit(":", 1)
+        cmd += ["--rdzv_backend=static", f"--master_addr={host}", f"--master_port={port}"]
+    else:
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or spec.name}"]
+    return cmd + ["-m", *entry_args(spec)]
+
+
+def render_torchrun(spec: JobSpec, node_rank: int | None = None) -> str:
+    """One shell line per node (or only `node_rank`'s), each preceded by a ``# node R`` comment."""
+    ranks = range(spec.nodes) if node_rank is None else [node_rank]
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV)
+    lines = []
+    for r in ranks:
+        cmd = shlex.join(torchrun_command(spec, r))
+        lines += [f"# node {r} of {spec.nodes}", f"{env} {cmd}" if env else cmd]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def slurm_log_paths(spec: JobSpec) -> tuple[str, str]:
+    """sbatch --output/--error patterns (%x job name, %j job id)."""
+    logs = Path(spec.workdir).resolve() / "logs"
+    return str(logs / "%x-%j.out"), str(logs / "%x-%j.err")
+
+
+def slurm_script(spec: JobSpec) -> str:
+    """An sbatch script: one task per node running torchrun, rendezvous on the allocation's first node.
+
+    Preemption: SLURM sends SIGUSR1 to this batch shell 120 s before the time limit (or on
+    preemption with a grace time); the trap forwards it through srun to torchrun, which forwards it
+    to the ranks (TORCHELASTIC_SIGNALS_TO_HANDLE) so they can write a checkpoint; then the job is
+    requeued and continues from that checkpoint.
+    """
+    out, err = slurm_log_paths(spec)
+    port = split_endpoint(spec.rdzv_endpoint)[1] if spec.rdzv_endpoint else DEFAULT_RDZV_PORT
+    sb = [f"--job-name={spec.name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
+          f"--cpus-per-task={spec.cpus_per_task}", f"--time={spec.time_limit}",
+          f"--output={out}", f"--error={err}", "--open-mode=append", "--requeue", "--signal=B:USR1@120"]
+    if spec.gpu:
+        sb.insert(3, f"--gpus-per-node={spec.gpus_per_node}")
+    if spec.partition:
+        sb.append(f"--partition={spec.partition}")
+    if spec.account:
+        sb.append(f"--account={spec.account}")
+    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV]
+    # Node rank and endpoint are expanded on each node by the shell that srun starts there.
+    per_node = torchrun_command(spec, node_rank="$SLURM_NODEID", endpoint="$head_node:$rdzv_port",
+                                rdzv_id="$SLURM_JOB_ID", nnodes="$SLURM_NNODES")
+    # No reliance on torchrun being on PATH: the interpreter the nodes use runs the launcher module.
+    per_node = [spec.python, "-m", "torch.distributed.run", *per_node[1:]]
+    inner = "exec " + " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in per_node)
+    lines = ["#!/bin/bash", *(f"#SBATCH {a}" for a in sb),
+             f"# vitpipe {spec.stage}: {spec.nodes} node(s) x {spec.gpus_per_node} rank(s), workdir {spec.workdir}",
+             "set -euo pipefail",
+             f"mkdir -p {shlex.quote(str(Path(spec.workdir).resolve() / 'logs'))}",
+             *env_lines,
+             f"export TORCHELASTIC_SIGNALS_TO_HANDLE={ELASTIC_SIGNALS}",
+             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+             f"export head_node rdzv_port={port}",
+             'echo "vitpipe: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, '
+             'rendezvous $head_node:$rdzv_port"',
+             "preempted=0",
+             "on_preempt() {",
+             '  preempted=1',
+             '  echo "vitpipe: SIGUSR1 (time limit or preemption): checkpointing, then requeueing"',
+             '  kill -USR1 "$srun_pid" 2>/dev/null || true',
+             "}",
+             "trap on_preempt USR1",
+             # Quoted: $SLURM_NODEID etc. are expanded by the task's shell on its own node.
+             f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(inner)} &",
+             "srun_pid=$!",
+             # `wait` returns early when a trapped signal arrives; wait again for the checkpoint.
+             'status=0; wait "$srun_pid" || status=$?',
+             'if [ "$preempted" = 1 ]; then wait "$srun_pid" || true; scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+             'exit "$status"']
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def _k8s_env(spec: JobSpec) -> list[dict]:
+    env = [{"name": k, "value": v} for k, v in spec.env.items() if k not in SECRET_ENV]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": spec.k8s_secret, "key": k, "optional": True}}}
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    env += [{"name": "TORCHELASTIC_SIGNALS_TO_HANDLE", "value": ELASTIC_SIGNALS}]
+    if not spec.gpu:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    return env
+
+
+def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
+    """A Kubeflow PyTorchJob (kubeflow.org/v1): Master + (nodes - 1) Workers, one torchrun each.
+
+    The training operator injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR
+    and PET_MASTER_PORT into every replica; torchrun reads PET_<ARG> as the default of each
+    argument, so the container command names no rendezvous flags (a static rendezvous at the
+    Master's service). The workdir is a shared volume (a ReadWriteMany PVC) mounted at the same path.
+    """
+    resources: dict = {"requests": {"cpu": str(spec.cpus_per_task)}, "limits": {}}
+    if spec.gpu:
+        resources["limits"]["nvidia.com/gpu"] = str(spec.gpus_per_node)
+    workdir = str(Path(spec.workdir))
+    mount = workdir if workdir.startswith("/") else f"/workspace/{workdir}"
+    in_pod = dataclasses.replace(spec, workdir=mount)  # the ranks see the shared volume at `mount`
+
+    def replica(count: int, master: bool) -> dict:
+        container = {
+            "name": "pytorch",  # the operator finds the training container by this name
+            "image": spec.image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["torchrun", f"--max_restarts={spec.max_restarts}", "-m", *entry_args(in_pod)],
+            "env": _k8s_env(spec),
+            "resources": copy.deepcopy(resources),  # no YAML anchors in the rendered manifest
+            "volumeMounts": [{"name": "workdir", "mountPath": mount}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        }
+        if master:
+            container["ports"] = [{"name": "pytorchjob-port", "containerPort": K8S_MASTER_PORT}]
+        return {
+            "replicas": count,
+            "restartPolicy": "OnFailure",
+            "template": {"spec": {
+                "containers": [container],
+                "volumes": [{"name": "workdir", "persistentVolumeClaim": {"claimName": pvc}},
+                            # NCCL and DataLoader workers need more shared memory than the default 64 MiB
+                            {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+            }},
+        }
+
+    replicas = {"Master": replica(1, master=True)}
+    if spec.nodes > 1:
+        replicas["Worker"] = replica(spec.nodes - 1, master=False)
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": "vitpipe",
+                                                  "vitpipe/stage": spec.stage}},
+        "spec": {
+            "nprocPerNode": str(spec.gpus_per_node),
+            "runPolicy": {"backoffLimit": max(spec.max_restarts, 0) + 3, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def render_k8s(spec: JobSpec) -> str:
+    """The PyTorchJob as YAML (what ``kubectl apply -f -`` receives)."""
+    import yaml
+
+    return yaml.safe_dump(pytorchjob_manifest(spec), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- DeepSpeed hostfile
+
+
+def deepspeed_hostfile(spec: JobSpec) -> str:
+    """``host slots=G`` per node, the MPI-style format deepspeed.launcher.runner parses."""
+    if len(spec.hosts) != spec.nodes:
+        raise SubmitError(f"the hostfile target needs --hosts with {spec.nodes} host name(s), got {len(spec.hosts)}")
+    return "".join(f"{h} slots={spec.gpus_per_node}\n" for h in spec.hosts)
+
+
+def hostfile_path(spec: JobSpec) -> Path:
+    return Path(spec.workdir).resolve() / "hostfile"
+
+
+def deepspeed_command(spec: JobSpec) -> list[str]:
+    """The DeepSpeed launcher: ssh (pdsh) to every host, start G ranks there running the entry module."""
+    master = split_endpoint(spec.rdzv_endpoint)[0] if spec.rdzv_endpoint else (spec.hosts or ["localhost"])[0]
+    port = split_endpoint(spec.rdzv_endpoint)[1] if spec.rdzv_endpoint else DEFAULT_RDZV_PORT
+    module, *args = entry_args(spec)
+    # --no_local_rank: the entry reads LOCAL_RANK from the environment, like under torchrun.
+    return ["deepspeed", f"--hostfile={hostfile_path(spec)}", f"--num_nodes={spec.nodes}",
+            f"--num_gpus={spec.gpus_per_node}", f"--master_addr={master}", f"--master_port={port}",
+            "--module", "--no_local_rank", module, *args]
+
+
+def render_hostfile(spec: JobSpec) -> str:
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV)
+    cmd = shlex.join(deepspeed_command(spec))
+    return (f"# {hostfile_path(spec)}\n{deepspeed_hostfile(spec)}# command (run on {spec.hosts[0]})\n"
+            + (f"{env} {cmd}" if env else cmd) + "\n")
+
+
+# --------------------------------------------------------------------------- render / submit
+
+
+def render(spec: JobSpec, target: str, node_rank: int | None = None) -> str:
+    """Exactly what `submit` would hand over: a command line, a script or a manifest."""
+    if target == "local":
+        return shlex.join(local_command(spec)) + "\n"
+    if target == "torchrun":
+        return render_torchrun(spec, node_rank)
+    if target == "slurm":
+        return slurm_script(spec)
+    if target == "k8s":
+        return render_k8s(spec)
+    if target == "hostfile":
+        return render_hostfile(spec)
+    raise SubmitError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def _record(spec: JobSpec, info: dict) -> None:
+    path = Path(spec.workdir) / "submit.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)
+
+
+def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
+    """Run or hand over the job; returns what was submitted (``job_id`` for schedulers, ``exit`` for local runs)."""
+    workdir = Path(spec.workdir)
+    env = {**os.environ, **spec.env}
+    if target == "local":
+        code = subprocess.call(local_command(spec), env=env)
+        info = {"target": target, "name": spec.name, "exit": code}
+    elif target == "torchrun":
+        if node_rank is None and spec.nodes > 1:
+            raise SubmitError("the torchrun target runs one node per call: pass --node-rank R on each node "
+                              "(or --dry-run to print every node's command)")
+        require_tool("torchrun")
+        code = subprocess.call(torchrun_command(spec, node_rank or 0), env=env)
+        info = {"target": target, "name": spec.name, "node_rank": node_rank or 0, "exit": code}
+    elif target == "slurm":
+        sbatch = require_tool("sbatch")
+        script = workdir.resolve() / "logs" / f"{spec.name}.sbatch"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(slurm_script(spec))
+        proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SubmitError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        job_id = proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
+        out, err = slurm_log_paths(spec)
+        info = {"target": target, "name": spec.name, "job_id": job_id, "script": str(script),
+                "output": out.replace("%x", spec.name).replace("%j", job_id),
+                "error": err.replace("%x", spec.name).replace("%j", job_id)}
+    elif target == "k8s":
+        kubectl = require_tool("kubectl")
+        proc = subprocess.run([kubectl, "apply", "-f", "-"], input=render_k8s(spec), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SubmitError(f"kubectl apply failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        info = {"target": target, "name": spec.name, "job_id": spec.name, "kubectl": proc.stdout.strip()}
+    elif target == "hostfile":
+        deepspeed = require_tool("deepspeed")
+        path = hostfile_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(deepspeed_hostfile(spec))
+        code = subprocess.call([deepspeed, *deepspeed_command(spec)[1:]], env=env)
+        info = {"target": target, "name": spec.name, "hostfile": str(path), "exit": code}
+    else:
+        raise SubmitError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    info["workdir"] = str(workdir.resolve())
+    _record(spec, info)
+    return info
+
+
+# --------------------------------------------------------------------------- status / logs
+
+
+def _resolve(ref: str) -> dict:
+    """A job reference (a workdir with submit.json, or a bare SLURM job id) -> submission record."""
+    path = Path(ref)
+    if (path / "submit.json").is_file():
+        return json.loads((path / "submit.json").read_text())
+    if path.is_dir():
+        return {"target": "local", "workdir": str(path.resolve())}
+    if re.fullmatch(r"\d+(_\d+)?", ref):
+        return {"target": "slurm", "job_id": ref}
+    raise SubmitError(f"{ref!r} is neither a run folder nor a SLURM job id")
+
+
+def scontrol_fields(text: str) -> dict[str, str]:
+    """``Key=Value`` pairs of ``scontrol show job`` output (values without spaces)."""
+    return dict(re.findall(r"(\w+(?::\w+)?)=(\S*)", text))
+
+
+def slurm_status(job_id: str) -> dict:
+    """State of a SLURM job: squeue while it is known to the controller's queue, else sacct, else scontrol."""
+    squeue = require_tool("squeue")
+    proc = subprocess.run([squeue, "-h", "-j", job_id, "-o", "%T|%M|%N|%r"], capture_output=True, text=True)
+    if proc.returncode == 0 and proc.stdout.strip():
+        state, elapsed, nodes, reason = proc.stdout.strip().splitlines()[0].split("|")
+        return {"job_id": job_id, "state": state, "elapsed": elapsed, "nodes": nodes, "reason": reason, "source": "squeue"}
+    if shutil.which("sacct"):
+        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode,Elapsed,NodeList"],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.strip():
+            state, exit_code, elapsed, nodes = proc.stdout.strip().splitlines()[-1].split("|")
+            return {"job_id": job_id, "state": state.split()[0], "exit_code": exit_code, "elapsed": elapsed,
+                    "nodes": nodes, "source": "sacct"}
+    # No accounting storage (sacct fails): the controller remembers finished jobs for MinJobAge.
+    proc = subprocess.run([require_tool("scontrol"), "show", "job", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SubmitError(f"SLURM does not know job {job_id}: {proc.stderr.strip()}")
+    f = scontrol_fields(proc.stdout)
+    return {"job_id": job_id, "state": f.get("JobState", "UNKNOWN"), "exit_code": f.get("ExitCode"),
+            "elapsed": f.get("RunTime"), "nodes": f.get("NodeList"), "reason": f.get("Reason"),
+            "output": f.get("StdOut"), "error": f.get("StdErr"), "source": "scontrol"}
+
+
+def job_status(ref: str) -> dict:
+    """What the scheduler (or, for local runs, the run folder) says about a job."""
+    rec = _resolve(ref)
+    if rec["target"] == "slurm":
+        return {**rec, **slurm_status(rec["job_id"])}
+    if rec["target"] == "k8s":
+        proc = subprocess.run([require_tool("kubectl"), "get", "pytorchjob", rec["name"], "-o", "json"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SubmitError(f"kubectl get pytorchjob {rec['name']} failed: {proc.stderr.strip()}")
+        conditions = json.loads(proc.stdout).get("status", {}).get("conditions", [])
+        state = next((c["type"] for c in reversed(conditions) if c.get("status") == "True"), "Created")
+        return {**rec, "state": state, "conditions": conditions}
+    result = Path(rec["workdir"]) / "pretrain" / "result.json"
+    if result.is_file():
+        return {**rec, "state": "COMPLETED", "result": json.loads(result.read_text())}
+    exit_code = rec.get("exit")
+    return {**rec, "state": "FAILED" if exit_code not in (None, 0) else "UNKNOWN"}
+
+
+def job_logs(ref: str) -> str:
+    """The job's log text: SLURM's output files, ``kubectl logs`` of the master, or train.log."""
+    rec = _resolve(ref)
+    if rec["target"] == "slurm":
+        paths = [rec.get("output"), rec.get("error")]
+        if not paths[0]:
+            st = slurm_status(rec["job_id"])
+            paths = [st.get("output"), st.get("error")]
+        text = ""
+        for p in paths:
+            if p and Path(p).is_file():
+                text += f"==> {p} <==\n{Path(p).read_text(errors='replace')}"
+        if not text:
+            raise SubmitError(f"no log file yet for SLURM job {rec['job_id']} (looked at {', '.join(filter(None, paths))})")
+        return text
+    if rec["target"] == "k8s":
+        proc = subprocess.run([require_tool("kubectl"), "logs", f"{rec['name']}-master-0", "-c", "pytorch"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SubmitError(f"kubectl logs failed: {proc.stderr.strip()}")
+        return proc.stdout
+    log = Path(rec["workdir"]) / "pretrain" / "train.log"
+    if not log.is_file():
+        raise SubmitError(f"no log at {log}")
+    return log.read_text(errors="replace")

