@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data.loader import eval_batches, iter_split, make_transform, train_batches
+from pipeline.data.loader import eval_batches, iter_split, make_transform
 from pipeline.data.manifest import DataError, load_manifest, prepare_dataset, verify_manifest
 from pipeline.data.sources import Sample, load_source, split_train_val
 
@@ -275,48 +275,13 @@ def test_make_transform_scales_normalizes_and_resizes():
     torch.testing.assert_close(big[0], torch.from_numpy(expected))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_train_batches_world_two(digits_dir, workers):
-    m = load_manifest(digits_dir)
-    settings = dict(GRAY, micro_batch=32, world_size=2, workers=workers, shuffle_buffer=64, seed=5)
-    streams = [iter(train_batches(m, **settings, rank=r)) for r in range(2)]
-    for stream in streams:
-        # 40 batches > one epoch of this rank's ~800 samples: the stream goes on past an epoch
-        batches = list(itertools.islice(stream, 40))
-        for images, labels in batches:
-            assert images.shape == (32, 1, 16, 16) and images.dtype == torch.float32
-            assert labels.shape == (32,) and labels.dtype == torch.int64
-            assert images.min() >= -1.0 and images.max() <= 1.0  # [0, 1] normalized with mean 0.5, std 0.5
-            assert 0 <= labels.min() and labels.max() <= 9
-        assert images.min() == -1.0  # digits have black background pixels
-    first = next(iter(train_batches(m, **settings, rank=0)))
-    replay = next(iter(train_batches(m, **settings, rank=0)))
-    assert torch.equal(first[0], replay[0]) and torch.equal(first[1], replay[1])
-
-
-def test_train_batches_needs_enough_shards(digits_dir):
-    m = load_manifest(digits_dir)  # 9 train shards
-    with pytest.raises(DataError, match="need at least 10 shards"):
-        train_batches(m, **GRAY, micro_batch=8, rank=0, world_size=2, workers=5, shuffle_buffer=10, seed=0)
-
-
-def test_train_batches_surface_a_truncated_shard(digits_copy):
-    m = load_manifest(digits_copy)
-    shard = m.shard_paths("train")[0]
-    shard.write_bytes(shard.read_bytes()[:20000])
-    stream = iter(train_batches(m, **GRAY, micro_batch=16, rank=0, world_size=1, workers=0, shuffle_buffer=10, seed=0))
-    with pytest.raises(DataError, match=r"train-000000\.tar: shard is 20000 bytes"):
-        for _ in range(200):
-            next(stream)
-
-
 def test_loader_surfaces_a_corrupt_shard_of_the_right_size(digits_copy):
     m = load_manifest(digits_copy)
     shard = m.shard_paths("val")[0]
     data = bytearray(shard.read_bytes())
     data[4096 : 4096 + 512] = b"\xff" * 512
     shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"val-000000\.tar: read \d+ samples but the manifest records"):
+    with pytest.raises(DataError, match=r"val-000000\.tar: (read \d+ samples|sha256|cannot read shard)"):
         list(iter_split(m, "val"))
 
 
