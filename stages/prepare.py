@@ -1,16 +1,18 @@
 """Stage 1, prepare: images -> WebDataset tar shards + manifest.json.
 
-Reads: an image source (data.source: mnist5k | digits | folder with data.root).
-Writes: <out>/shards/{train,val}-NNNNNN.tar and <out>/manifest.json (written last).
+Reads: an image source (data.source: mnist5k | digits | folder with data.root | list with
+data.list_file | synthetic).
+Writes: <out>/shards/{train,val}-NNNNNN.tar and <out>/manifest.json (written last); <out> is
+data.output when set (a folder or s3://bucket/prefix), else the stage's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data.manifest import load_manifest
 from pipeline.data.manifest import prepare_dataset
 from pipeline.track import NullTracker, Tracker
 from stages import record
@@ -21,28 +23,41 @@ def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, f
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
     cfg = dataclasses.asdict(data)
+    cfg.pop("workers")  # the output does not depend on it
     if data.source == "folder" and data.root:
         cfg["root"] = str(Path(data.root).resolve())
+    if data.source == "list" and data.list_file:
+        cfg["list_file"] = str(Path(data.list_file).resolve())
     fp = record.fingerprint("prepare", cfg, [])
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[prepare] up to date: {done['manifest']}")
         return done
     record.begin(out_dir, fp)
     tracker.log_params({"data": cfg})
-    manifest_path = prepare_dataset(data, out_dir)
-    m = load_manifest(manifest_path)
+    # data.output (a folder or s3://bucket/prefix) overrides --out for the dataset itself;
+    # the stage's record stays in out_dir
+    manifest_path = prepare_dataset(data, data.output or out_dir)
+    if isinstance(manifest_path, Path):
+        info = json.loads(manifest_path.read_text())
+    else:  # on S3: keep a local copy for tracking (its shard names do not resolve locally)
+        from pipeline.data.storage import OutputTarget
+
+        info = json.loads(OutputTarget.parse(data.output).get_bytes("manifest.json"))
+    splits = info["splits"]
     result = {
         "manifest": str(manifest_path),
-        "train_samples": m.num_samples("train"),
-        "val_samples": m.num_samples("val"),
-        "train_shards": len(m.shard_paths("train")),
-        "val_shards": len(m.shard_paths("val")),
-        "num_classes": len(m.class_names),
-        "image_size": m.image_size,
+        "train_samples": splits["train"]["samples"],
+        "val_samples": splits["val"]["samples"],
+        "train_shards": len(splits["train"]["shards"]),
+        "val_shards": len(splits["val"]["shards"]),
+        "num_classes": len(info["class_names"]),
+        "image_size": info["image_size"],
     }
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int)})
-    tracker.log_artifact(manifest_path)
-    record.finish(out_dir, "prepare", fp, [manifest_path], result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(manifest_path, Path):
+        tracker.log_artifact(manifest_path)
+    record.finish(out_dir, "prepare", fp, [manifest_path] if isinstance(manifest_path, Path) else [], result)
     print(f"[prepare] {result['train_samples']} train / {result['val_samples']} val images in "
           f"{result['train_shards'] + result['val_shards']} shards -> {manifest_path}")
     return result

