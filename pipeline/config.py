@@ -213,6 +213,18 @@ class TrainConfig:
     only compares file sizes (for very large datasets). Sizes and counts are checked while streaming too."""
 
 
+# TrainConfig fields that say how a stage runs, not what it computes: changing them neither
+# invalidates a finished stage nor its checkpoints (resume on another number of ranks keeps going).
+EXECUTION_FIELDS = frozenset({"ranks", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                              "verify_shards", "resume", "peak_tflops", "eval_batch", "compile",
+                              "activation_checkpointing", "global_batch"})
+
+
+def train_fingerprint_fields(t: "TrainConfig") -> dict:
+    """The TrainConfig fields that determine a training stage's result."""
+    return {k: v for k, v in dataclasses.asdict(t).items() if k not in EXECUTION_FIELDS}
+
+
 @dataclass
 class ExportConfig:
     """ONNX export and its parity check against PyTorch."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import TrainConfig, validate_train
+from pipeline.config import TrainConfig, train_fingerprint_fields, validate_train
 from pipeline.model.weights import model_config_from_meta
 from pipeline.data.manifest import load_manifest, verify_manifest
 from pipeline.model.weights import model_from_pair
@@ -36,7 +36,8 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     weights = Path(init_from)
     weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
     cfg = {"train": dataclasses.asdict(train)}
-    fp = record.fingerprint("finetune", cfg, [manifest, weights_file, weights_file.with_suffix(".json")])
+    fp = record.fingerprint("finetune", {"train": train_fingerprint_fields(train)},
+                            [manifest, weights_file, weights_file.with_suffix(".json")])
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[finetune] up to date: {done['weights']}")
         return done

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig, train_fingerprint_fields
 from pipeline.data.manifest import load_manifest, verify_manifest
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
@@ -33,7 +33,7 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     # Fail fast, naming the file, before any process starts.
     verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full")
     cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
-    fp = record.fingerprint("pretrain", cfg, [manifest])
+    fp = record.fingerprint("pretrain", {**cfg, "train": train_fingerprint_fields(train)}, [manifest])
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[pretrain] up to date: {done['weights']}")
         return done

@@ -19,6 +19,7 @@ from pathlib import Path
 
 MARKER = "COMMITTED"
 PREFIX = "step_"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -32,7 +33,7 @@ def committed(root: Path) -> list[tuple[int, str, dict]]:
     if not root.is_dir():
         return out
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(PREFIX) and (d / MARKER).is_file():
+        if d.is_dir() and d.name.startswith(PREFIX) and not d.name.endswith(UNIVERSAL_SUFFIX) and (d / MARKER).is_file():
             try:
                 info = json.loads((d / MARKER).read_text())
             except json.JSONDecodeError:
@@ -47,9 +48,10 @@ def latest(root: Path) -> tuple[int, str, dict] | None:
     return found[-1] if found else None
 
 
-def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int) -> None:
+def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int, mlflow_run_id: str | None = None) -> None:
     """Mark `tag` complete (rank 0, after every rank finished writing)."""
-    info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time()}
+    info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time(),
+            "mlflow_run_id": mlflow_run_id}
     tmp = root / tag / (MARKER + ".tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, root / tag / MARKER)
@@ -69,3 +71,22 @@ def prune(root: Path, keep: int) -> list[str]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
     return removed
+
+
+def to_universal(root: Path, tag: str) -> str:
+    """Convert `tag` with DeepSpeed's ds_to_universal (once) so another number of ranks can load it."""
+    import subprocess
+    import sys
+
+    out = f"{tag}{UNIVERSAL_SUFFIX}"
+    if (root / out / MARKER).is_file():
+        return out
+    shutil.rmtree(root / out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(root / tag), "--output_folder", str(root / out), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{root / tag}: conversion to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
+                           f"{proc.stderr[-2000:]}")
+    (root / out / MARKER).write_text(json.dumps({"converted_from": tag}))
+    return out

@@ -143,7 +143,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(model: torch.nn.Module, t: TrainConfig, world: int, precision: str):
+def build_engine(model: torch.nn.Module, t: TrainConfig, world: int, precision: str, load_universal: bool = False):
     """Optimizer (no decay on biases/norms/pos-embed/cls), warmup+decay schedule, DeepSpeed engine."""
     import deepspeed
 
@@ -155,13 +155,23 @@ def build_engine(model: torch.nn.Module, t: TrainConfig, world: int, precision: 
     factor = partial(lr_factor, total=t.steps, warmup=t.warmup_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
     # A callable, so the scheduler wraps the optimizer DeepSpeed actually steps.
     make_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=make_scheduler,
-        config=deepspeed_config(t, world, precision),
-    )
+    config = deepspeed_config(t, world, precision)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=config)
     return engine
+
+
+def train_micro_step(engine, images: torch.Tensor, targets: torch.Tensor, device, dtype) -> float:
+    """Forward, backward and (at accumulation boundaries) optimizer step on one micro batch; the loss.
+
+    `targets` are class probabilities (B, classes): label smoothing and mixup are folded into them.
+    """
+    logits = engine(images.to(device=device, dtype=dtype))  # (B, classes)
+    loss = F.cross_entropy(logits.float(), targets.to(device))
+    engine.backward(loss)
+    engine.step()
+    return float(loss)
 
 
 def consolidated_state_dict(engine, ckpt_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -265,34 +275,53 @@ class Trainer:
         """Write and commit a checkpoint of every rank's state after `step`."""
         tag = checkpoints.tag_for(step)
         per_rank = _gather({"stream": stream.state.to_dict(), "rng": _rng_state(mix_rng)})
-        client = {"step": step, "world_size": self.world, "ranks": per_rank, "mlflow_run_id": self.job.run_id}
+        client = {"step": step, "world_size": self.world, "ranks": per_rank, "mlflow_run_id": self.job.run_id,
+                  # lets DeepSpeed's ds_to_universal convert this checkpoint for another rank count
+                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
         engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
-            checkpoints.commit(self.ckpt_root, tag, step, self.world, self.t.zero_stage)
+            checkpoints.commit(self.ckpt_root, tag, step, self.world, self.t.zero_stage, self.job.run_id)
             checkpoints.prune(self.ckpt_root, self.t.keep_checkpoints)
         dist.barrier()
         return tag
 
-    def restore(self, engine):
-        """(start step, this rank's stream state, rng state) from the newest committed checkpoint."""
+    def find_resume(self) -> tuple[int, str, dict] | None:
+        """The checkpoint to resume from, converted to a universal checkpoint if the rank count changed."""
         found = checkpoints.latest(self.ckpt_root) if self.t.resume == "auto" else None
+        if found and found[2]["world_size"] != self.world:
+            step, tag, info = found
+            if info["zero_stage"] == 0:  # nothing is partitioned: every rank's files hold the full state
+                return step, tag, {**info, "resharded": True}
+            universal = checkpoints.to_universal(self.ckpt_root, tag) if self.rank == 0 else None
+            dist.barrier()  # the conversion is on disk before any rank reads it
+            found = (step, universal or f"{tag}{checkpoints.UNIVERSAL_SUFFIX}",
+                     {**info, "universal": True, "resharded": True})
+        return found
+
+    def restore(self, engine, found):
+        """(start step, this rank's stream state, rng state) from `found` (see find_resume)."""
         if not found:
             return 0, None, None
         step, tag, info = found
-        if info["world_size"] != self.world:
-            raise RuntimeError(
-                f"{self.ckpt_root / tag}: written by {info['world_size']} rank(s), this job has {self.world}; "
-                "resuming on another number of ranks needs a universal checkpoint (see docs)"
-            )
         _, client = engine.load_checkpoint(str(self.ckpt_root), tag=tag)
-        mine = client["ranks"][self.rank]
+        self.result["resumed_from_step"] = step
         if self.rank == 0:  # forget losses logged after the checkpoint: those steps run again
             losses = self.out_dir / LOSSES_FILE
             if losses.is_file():
                 kept = [line for line in losses.read_text().splitlines() if json.loads(line)["step"] <= step]
                 losses.write_text("".join(line + "\n" for line in kept))
-        self.result["resumed_from_step"] = step
+        if info.get("resharded"):
+            # Another rank count: the data plan of the interrupted epoch does not exist on this one.
+            # Continue with the next epoch (the rest of that epoch is skipped, never repeated) and
+            # reseed from (seed, step, rank); model, optimizer and schedule carry over exactly.
+            epoch = max(int(r["stream"]["epoch"]) for r in client["ranks"]) + 1
+            self.log(f"resumed from {tag} written by {info['world_size']} rank(s) on {self.world}; "
+                     f"data continues at epoch {epoch}")
+            torch.manual_seed(self.t.seed + step * 1000 + self.rank)
+            self.result["resharded_from_world_size"] = info["world_size"]
+            return step, StreamState(epoch=epoch), None
+        mine = client["ranks"][self.rank]
         self.log(f"resumed from {tag} (committed by {info['world_size']} ranks)")
         return step, StreamState.from_dict(mine["stream"]), mine["rng"]
 
@@ -305,14 +334,15 @@ class Trainer:
             apply_activation_checkpointing(model)
         on_gpu = self.device.type != "cpu"
         precision = resolve_precision(t.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-        engine = build_engine(model, t, self.world, precision)
+        found = self.find_resume()
+        engine = build_engine(model, t, self.world, precision, load_universal=bool(found and found[2].get("universal")))
         if t.compile:
             engine.compile()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.result["precision"] = precision
 
         mix_rng = np.random.default_rng([t.seed, self.rank])
-        start_step, stream_state, rng_state = self.restore(engine)
+        start_step, stream_state, rng_state = self.restore(engine, found)
         if rng_state is not None:
             _set_rng_state(rng_state, mix_rng)
         a = t.augment
@@ -352,11 +382,7 @@ class Trainer:
                 images, targets = mix_batch(batch["images"], batch["labels"], self.manifest.num_classes,
                                             mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                                             smoothing=t.label_smoothing, generator=mix_rng)
-                logits = engine(images.to(device=self.device, dtype=dtype))
-                loss = F.cross_entropy(logits.float(), targets.to(self.device))
-                engine.backward(loss)
-                engine.step()
-                step_loss += float(loss) / t.grad_accum
+                step_loss += train_micro_step(engine, images, targets, self.device, dtype) / t.grad_accum
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"{job.stage}: loss became {step_loss} at step {step}; lower the lr")
             # Per-step loss of every rank, averaged: the figure a resumed run must reproduce exactly.
