@@ -93,8 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parsers(sub)
     from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
 
+    from pipeline.train.bench import add_bench_train_parser
+
     add_shards_parser(sub)
-    add_bench_data_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks: data loading, training step",
+                           description="Benchmarks that print ratios against baselines measured in the same run.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
+    add_bench_data_parser(bench_sub)
+    add_bench_train_parser(bench_sub)
     return parser
 
 
@@ -113,6 +119,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
     if (code := dispatch_submit(args)) is not None:  # submit, status, logs
         return code
+    if args.command == "bench" and args.bench_command == "train":
+        from pipeline.train.bench import run_bench_train
+
+        return run_bench_train(args)
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
         from pipeline.data.shards_cli import run_bench_data, run_shards
 

@@ -190,12 +190,9 @@ def add_shards_parser(subparsers) -> None:
     i.add_argument("--json", action="store_true", help="print per-shard counts as JSON instead")
 
 
-def add_bench_data_parser(subparsers) -> None:
-    """Add `bench data <manifest>` to the CLI's subparsers."""
-    p = subparsers.add_parser("bench", help="measure data loading throughput",
-                              description="Throughput benchmarks of the data path.")
-    sub = p.add_subparsers(dest="bench_command", required=True, metavar="what")
-    d = sub.add_parser("data", help="shard loader vs decode ceiling vs folder of files, locally and over HTTP",
+def add_bench_data_parser(bench_sub) -> None:
+    """Add `data <manifest>` to the `vitpipe bench` subcommands."""
+    d = bench_sub.add_parser("data", help="shard loader vs decode ceiling vs folder of files, locally and over HTTP",
                        description="In one run: decoded+augmented images/s of the shard loader (per worker "
                        "count), the decode+augment ceiling (images already in memory), a folder of files, and "
                        "both over HTTP from a loopback server (shards streamed vs one request per image). "
