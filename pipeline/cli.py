@@ -138,6 +138,7 @@ def dispatch(args: argparse.Namespace) -> int:
         recipe.run(cfg, workdir, force=args.force)
         return 0
 
+    from pipeline.train.stage_runner import TrainingPreempted
     from stages import benchmark, export, finetune, prepare, pretrain
 
     dirs = {s: workdir / s for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
@@ -160,6 +161,9 @@ def dispatch(args: argparse.Namespace) -> int:
             onnx_path = args.onnx or dirs["export"] / "model.onnx"
             result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force)
         status = "FINISHED"
+    except TrainingPreempted:
+        status = "KILLED"
+        raise
     finally:
         tracker.finish(status)
     print(json.dumps(result, indent=2, default=str))

@@ -127,7 +127,16 @@ class MLflowTracker:
         """Record parameters; values are stringified and cut to MLflow's length limit."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        # MLflow refuses to change a logged param; a resumed run re-logs its config, so only new
+        # keys are logged and a changed value (e.g. world_size after resharding) becomes a tag.
+        existing = self._client.get_run(self.run_id).data.params
+        items = []
+        for k, v in flatten(params).items():
+            text = str(v)[:6000]
+            if k not in existing:
+                items.append(Param(k, text))
+            elif existing[k] != text:
+                self._client.set_tag(self.run_id, f"param_changed.{k}", text[:5000])
         for i in range(0, len(items), 100):  # MLflow's per-batch limit
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -163,6 +172,27 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
         self._client.set_terminated(self.run_id, status=status)
+
+    def reopen(self) -> None:
+        """Mark a finished or killed run as running again (a resumed stage continues it)."""
+        self._client.update_run(self.run_id, status="RUNNING")
+
+
+def continue_previous_run(tracker: Tracker, previous_run_id: str | None) -> tuple[Tracker, bool]:
+    """(tracker to log to, whether the caller must finish it) for a stage resuming from a checkpoint.
+
+    The resumed stage continues the MLflow run that wrote the checkpoint, so its metrics form one
+    history; the run just created for this attempt gets a tag pointing there.
+    """
+    if not isinstance(tracker, MLflowTracker) or not previous_run_id or previous_run_id == tracker.run_id:
+        return tracker, False
+    try:
+        previous = MLflowTracker.attach(tracker.tracking_uri, previous_run_id)
+    except Exception:  # deleted, or another tracking server: keep logging to the new run
+        return tracker, False
+    previous.reopen()
+    tracker.set_tags({"vitpipe.continued_in": previous_run_id})
+    return previous, True
 
 
 Tracker = MLflowTracker | NullTracker

@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.track import NullTracker, Tracker, start_tracker
+from pipeline.train.stage_runner import TrainingPreempted
 from stages import benchmark, export, finetune, prepare, pretrain
 
 
@@ -92,10 +93,16 @@ def run(cfg: PipelineConfig, workdir: str | Path | None = None, force: bool = Fa
             child = tracker.child(name) if not isinstance(tracker, NullTracker) else tracker
             try:
                 summary[name] = run_stage(name, cfg, workdir, child, force)
+            except TrainingPreempted:
+                child.finish("KILLED")
+                raise
             except BaseException:
                 child.finish("FAILED")
                 raise
             child.finish()
+    except TrainingPreempted:
+        tracker.finish("KILLED")
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise

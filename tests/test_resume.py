@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -80,8 +81,9 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_losses(setup):
 def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
     out_dir = setup["work"] / "sigterm"
     cmd = [sys.executable, "-m", "pipeline", "pretrain", str(TINY), *OVERRIDES, "pretrain.steps=80",
-           "tracking.enabled=false", "--manifest", setup["manifest"], "--out", str(out_dir)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--manifest", setup["manifest"], "--out", str(out_dir)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     losses_file = out_dir / LOSSES_FILE
     deadline = time.time() + 240
     while time.time() < deadline and (not losses_file.exists() or len(losses_file.read_text().splitlines()) < 3):
@@ -95,7 +97,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
     assert not (out_dir / "model.safetensors").exists() and not (out_dir / "stage.json").exists()
 
     # The same command again: resume: auto continues from the committed checkpoint to the end.
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from step_{stopped[0]:08d}" in done.stdout
     result = json.loads((out_dir / "result.json").read_text())
@@ -103,3 +105,16 @@ def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
     lines = [json.loads(x)["step"] for x in (out_dir / LOSSES_FILE).read_text().splitlines()]
     assert lines == list(range(1, 81))  # every step once: none missing, none repeated
     assert (out_dir / "model.safetensors").is_file()
+
+    # The same MLflow run continued: one loss history across the interruption, finished at the end.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    first = [r for r in runs if "vitpipe.continued_in" not in r.data.tags]
+    second = [r for r in runs if "vitpipe.continued_in" in r.data.tags]
+    assert len(first) == 1 and len(second) == 1
+    assert second[0].data.tags["vitpipe.continued_in"] == first[0].info.run_id
+    assert client.get_run(first[0].info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(first[0].info.run_id, "loss")]
+    assert min(steps) <= stopped[0] < max(steps) == 80

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from pipeline.launch.local import LaunchError, launch_local
-from pipeline.track import MLflowTracker, Tracker
+from pipeline.track import MLflowTracker, Tracker, continue_previous_run
+from pipeline.train import checkpoints
 from pipeline.train.loop import PREEMPTED_FILE, RESULT_FILE, TrainJob
 from pipeline.train.preemption import REQUEUE_EXIT
 
@@ -17,6 +18,12 @@ class TrainingError(RuntimeError):
 
 class TrainingPreempted(RuntimeError):
     """The ranks stopped on request after committing a checkpoint; running the stage again resumes."""
+
+
+def resume_tracker(tracker: Tracker, out_dir: Path) -> tuple[Tracker, bool]:
+    """The run a training stage logs to: the one that wrote its newest checkpoint, if it resumes."""
+    found = checkpoints.latest(Path(out_dir) / "checkpoints")
+    return continue_previous_run(tracker, found[2].get("mlflow_run_id") if found else None)
 
 
 def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
