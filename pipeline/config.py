@@ -171,6 +171,12 @@ class TrainConfig:
     """Cross-entropy label smoothing."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage, 0-3."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """ZeRO-Offload of optimizer states (ZeRO >= 1; uses DeepSpeed's CPU Adam, a GPU-machine feature)."""
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    """ZeRO-Infinity offload of parameters (ZeRO-3 only)."""
+    nvme_path: Optional[str] = None
+    """Local NVMe folder for nvme offload."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it, fp32 on CPU."""
     eval_every: int = 0
@@ -507,6 +513,13 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}warmup_steps: must be between 0 and steps ({t.steps}), got {t.warmup_steps}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"{prefix}betas: need two values in [0, 1), got {t.betas}")
+    if t.offload_optimizer != "none" and t.zero_stage == 0:
+        raise ConfigError(f"{prefix}offload_optimizer: needs zero_stage >= 1 (optimizer states are partitioned "
+                          f"from stage 1 on); set {prefix}zero_stage=1, 2 or 3")
+    if t.offload_params != "none" and t.zero_stage != 3:
+        raise ConfigError(f"{prefix}offload_params: needs zero_stage 3 (only stage 3 partitions parameters)")
+    if "nvme" in (t.offload_optimizer, t.offload_params) and not t.nvme_path:
+        raise ConfigError(f"{prefix}nvme_path: nvme offload needs a local NVMe folder, e.g. {prefix}nvme_path=/local_nvme")
     if not 0.0 <= t.max_corrupt_fraction < 1.0:
         raise ConfigError(f"{prefix}max_corrupt_fraction: must be in [0, 1), got {t.max_corrupt_fraction}")
     if t.keep_checkpoints < 1:

@@ -76,6 +76,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["data.source=folder"], "data.root", "needs data.root"),
         (["model.hybrid=true", "model.stem_stride=3"], "model.stem_stride", "power of two"),
         (["pretrain"], "override 'pretrain'", "expected key=value"),
+        (["pretrain.zero_stage=0", "pretrain.offload_optimizer=cpu"], "pretrain.offload_optimizer", "zero_stage >= 1"),
+        (["pretrain.offload_params=cpu"], "pretrain.offload_params", "needs zero_stage 3"),
+        (["pretrain.zero_stage=3", "pretrain.offload_params=nvme"], "pretrain.nvme_path", "local NVMe folder"),
+        (["pretrain.sampling=sometimes"], "pretrain.sampling", "'exact', 'resampled', 'auto'"),
+        (["pretrain.augment.crop_scale=[0.5, 2.0]"], "pretrain.augment.crop_scale", "0 < min <= max <= 1"),
     ],
 )
 def test_bad_config_is_rejected_with_key_and_fix(overrides, key, hint):
@@ -113,6 +118,11 @@ def test_deepspeed_config_is_derived_and_checked():
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
     assert "bf16" not in ds and "fp16" not in ds
     assert deepspeed_config(cfg.pretrain, 2, "bf16")["bf16"] == {"enabled": True}
+    off = load_config(DEMO, ["pretrain.zero_stage=3", "pretrain.offload_optimizer=cpu", "pretrain.offload_params=nvme",
+                             "pretrain.nvme_path=/nvme"])
+    zero = deepspeed_config(off.pretrain, 2, "bf16")["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme"}
     # a global batch set for 2 ranks is rejected when the job runs on 4
     cfg = load_config(DEMO, ["pretrain.global_batch=64"])
     with pytest.raises(ConfigError, match="global_batch: 64 != micro_batch 32 x grad_accum 1 x ranks 4 = 128"):

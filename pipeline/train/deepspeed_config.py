@@ -31,6 +31,11 @@ def deepspeed_config(t: TrainConfig, world_size: int, precision: str) -> dict:
     if t.zero_stage >= 2:
         # Overlap reduction with backward; contiguous gradients avoid fragmentation.
         zero.update({"overlap_comm": True, "contiguous_gradients": True})
+    for kind, device in (("offload_optimizer", t.offload_optimizer), ("offload_param", t.offload_params)):
+        if device != "none":
+            zero[kind] = {"device": device, "pin_memory": True}
+            if device == "nvme":
+                zero[kind]["nvme_path"] = t.nvme_path
     if t.zero_stage == 3:
         # Gather full weights when a 16-bit model is saved (used by save_16bit_model on GPU).
         zero["stage3_gather_16bit_weights_on_model_save"] = True

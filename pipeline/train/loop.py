@@ -148,7 +148,12 @@ def build_engine(model: torch.nn.Module, t: TrainConfig, world: int, precision: 
     import deepspeed
 
     groups = param_groups_for_weight_decay(model, t.weight_decay)
-    if t.optimizer == "adamw":
+    if t.optimizer == "adamw" and t.offload_optimizer != "none":
+        # Offloaded states are stepped on the CPU: DeepSpeed's vectorized CPU Adam (AdamW mode).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), adamw_mode=True)
+    elif t.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
     else:
         optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
