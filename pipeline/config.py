@@ -210,6 +210,9 @@ class TrainConfig:
     """torch.compile the model (through DeepSpeed's engine.compile)."""
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one rank's device for model FLOP utilization; null: measured with a matmul at start."""
+    max_restarts: int = 0
+    """Restart every rank this many times after a rank fails (torchrun --max-restarts); they resume
+    from the newest committed checkpoint."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept in the run folder (older ones are deleted)."""
     resume: Literal["auto", "never"] = "auto"
@@ -223,7 +226,7 @@ class TrainConfig:
 # invalidates a finished stage nor its checkpoints (resume on another number of ranks keeps going).
 EXECUTION_FIELDS = frozenset({"ranks", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                               "verify_shards", "resume", "peak_tflops", "eval_batch", "compile",
-                              "activation_checkpointing", "global_batch"})
+                              "activation_checkpointing", "global_batch", "max_restarts"})
 
 
 def train_fingerprint_fields(t: "TrainConfig") -> dict:
@@ -533,7 +536,7 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}augment: mixup_alpha/cutmix_alpha must be >= 0 and mix_prob in [0, 1]")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {t.label_smoothing}")
-    for name in ("eval_every", "checkpoint_every", "workers", "log_every"):
+    for name in ("eval_every", "checkpoint_every", "workers", "log_every", "max_restarts"):
         if getattr(t, name) < 0:
             raise ConfigError(f"{prefix}{name}: must be >= 0, got {getattr(t, name)}")
 

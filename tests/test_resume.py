@@ -118,3 +118,53 @@ def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
     assert client.get_run(first[0].info.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(first[0].info.run_id, "loss")]
     assert min(steps) <= stopped[0] < max(steps) == 80
+
+
+def _rank_pids(root_pid: int, rank: int) -> list[int]:
+    import psutil
+
+    pids = []
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "pipeline.train.worker" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _cli(setup, out: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "pretrain", str(TINY), *OVERRIDES, "pretrain.steps=26",
+            "pretrain.checkpoint_every=4", "pretrain.max_restarts=1", "tracking.enabled=false", *extra,
+            "--manifest", setup["manifest"], "--out", str(setup["work"] / out)]
+
+
+def test_killed_rank_is_restarted_and_ends_with_the_uninterrupted_loss(setup, tmp_path):
+    proc = subprocess.Popen(_cli(setup, "killed"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    losses_file = setup["work"] / "killed" / LOSSES_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and (not losses_file.exists() or len(losses_file.read_text().splitlines()) < 10):
+        time.sleep(0.05)
+    pids = _rank_pids(proc.pid, 1)
+    assert pids, "rank 1 not found"
+    os.kill(pids[0], signal.SIGKILL)  # a node failure, as far as rank 1 is concerned
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads((setup["work"] / "killed" / "result.json").read_text())
+    assert result["resumed_from_step"] > 0 and result["resumed_from_step"] % 4 == 0
+    got, ref = losses(setup["work"] / "killed"), setup["ref_losses"]
+    assert got[26] == ref[26]  # the same final loss as the uninterrupted run
+    assert all(got[s] == ref[s] for s in ref)
+
+
+def test_rank_killed_while_writing_a_checkpoint_never_uses_it(setup, tmp_path):
+    env = {**os.environ, "VITPIPE_FAULT": "save:8:1"}  # rank 1 dies as the step-8 checkpoint is written
+    done = subprocess.run(_cli(setup, "torn"), cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (setup["work"] / "torn" / "train.log").read_text()
+    assert "resumed from step_00000004" in log and "resumed from step_00000008" not in log
+    result = json.loads((setup["work"] / "torn" / "result.json").read_text())
+    assert result["resumed_from_step"] == 4
+    got, ref = losses(setup["work"] / "torn"), setup["ref_losses"]
+    assert all(got[s] == ref[s] for s in ref)

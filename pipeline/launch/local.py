@@ -36,18 +36,22 @@ def worker_env(nprocs: int) -> dict[str, str]:
     return env
 
 
-def torchrun_command(nprocs: int, job_path: Path) -> list[str]:
+def torchrun_command(nprocs: int, job_path: Path, max_restarts: int = 0) -> list[str]:
     """The torchrun command line for one node with `nprocs` ranks (rendezvous on a free local port)."""
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={nprocs}",
+        "--standalone", f"--nproc_per_node={nprocs}", f"--max-restarts={max_restarts}",
         "-m", "pipeline.train.worker", "--job", str(job_path),
     ]
 
 
-def launch_local(job_path: Path, nprocs: int, log_path: Path) -> None:
-    """Run the job on `nprocs` local ranks; output goes to the console and to `log_path`."""
-    cmd = torchrun_command(nprocs, job_path)
+def launch_local(job_path: Path, nprocs: int, log_path: Path, max_restarts: int = 0) -> None:
+    """Run the job on `nprocs` local ranks; output goes to the console and to `log_path`.
+
+    With `max_restarts`, torchrun restarts every rank after one fails; they resume from the newest
+    committed checkpoint (a restarted rank cannot rejoin a running ZeRO group on its own).
+    """
+    cmd = torchrun_command(nprocs, job_path, max_restarts)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, env=worker_env(nprocs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

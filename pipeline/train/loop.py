@@ -99,8 +99,21 @@ def init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Under torchrun the agent's store outlives a restart of the ranks; keys of the failed
+        # attempt (a dead rank's address) must not be read by the next one, so each attempt gets
+        # its own key space.
+        from datetime import timedelta
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(minutes=30))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"vitpipe/attempt_{attempt}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)  # adopt the group
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -210,6 +223,16 @@ def _set_rng_state(state: dict, mix_rng: np.random.Generator) -> None:
     mix_rng.bit_generator.state = state["mix"]
 
 
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for tests of failure handling: VITPIPE_FAULT="<where>:<step>:<rank>" kills
+    that rank there with SIGKILL, on the first attempt only (torchrun's restarts run clean)."""
+    spec = os.environ.get("VITPIPE_FAULT")
+    if spec and spec == f"{where}:{step}:{rank}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -283,6 +306,7 @@ class Trainer:
         client = {"step": step, "world_size": self.world, "ranks": per_rank, "mlflow_run_id": self.job.run_id,
                   # lets DeepSpeed's ds_to_universal convert this checkpoint for another rank count
                   "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        _fault_point("save", step, self.rank)
         engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:

@@ -37,7 +37,7 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
     for stale in [*out_dir.glob("error-rank*.txt"), out_dir / PREEMPTED_FILE]:
         stale.unlink(missing_ok=True)
     try:
-        launch_local(job_path, nprocs, out_dir / "train.log")
+        launch_local(job_path, nprocs, out_dir / "train.log", int(job.train.get("max_restarts", 0)))
     except LaunchError as e:
         if e.exit_code == REQUEUE_EXIT or (out_dir / PREEMPTED_FILE).is_file():
             raise TrainingPreempted(f"{job.stage} stopped on request after committing a checkpoint in "
