@@ -272,6 +272,8 @@ class TrackingConfig:
     """MLflow experiment name."""
     enabled: bool = True
     """Turn tracking off entirely."""
+    system_metrics_interval: float = 10.0
+    """Seconds between MLflow system metrics (CPU, memory, GPU) from training rank 0; 0 disables."""
 
 
 @dataclass

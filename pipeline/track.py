@@ -64,6 +64,10 @@ class NullTracker:
         """A nested run (another null tracker)."""
         return NullTracker()
 
+    def system_metrics(self, interval: float, resume: bool = False):
+        """No system metrics without a run."""
+        return None
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (nothing to end)."""
 
@@ -71,11 +75,13 @@ class NullTracker:
 class MLflowTracker:
     """One MLflow run, driven through the client API so runs in other processes can attach."""
 
-    def __init__(self, client, run_id: str, tracking_uri: str, experiment_id: str):
+    def __init__(self, client, run_id: str, tracking_uri: str, experiment_id: str,
+                 system_metrics_interval: float = 10.0):
         self._client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
+        self.system_metrics_interval = system_metrics_interval
 
     # -- creation -----------------------------------------------------------------------------
 
@@ -112,7 +118,7 @@ class MLflowTracker:
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        return cls(client, run.info.run_id, uri, exp_id)
+        return cls(client, run.info.run_id, uri, exp_id, cfg.system_metrics_interval)
 
     @classmethod
     def attach(cls, tracking_uri: str, run_id: str) -> "MLflowTracker":
@@ -167,7 +173,19 @@ class MLflowTracker:
     def child(self, name: str) -> "MLflowTracker":
         """A nested run under this one, in the same experiment."""
         run = self._client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id})
-        return MLflowTracker(self._client, run.info.run_id, self.tracking_uri, self.experiment_id)
+        return MLflowTracker(self._client, run.info.run_id, self.tracking_uri, self.experiment_id,
+                             self.system_metrics_interval)
+
+    def system_metrics(self, interval: float, resume: bool = False):
+        """Start MLflow's system-metrics thread (CPU, memory, disk, network, GPU) for this run; returns
+        an object with .finish(), or None when disabled."""
+        if interval <= 0:
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=resume)
+        monitor.start()
+        return monitor
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
@@ -210,6 +228,7 @@ def tracker_for_rank(rank: int, tracking_uri: str | None, run_id: str | None) ->
     if rank != 0 or not run_id or not tracking_uri:
         return NullTracker()
     return MLflowTracker.attach(tracking_uri, run_id)
+
 
 
 def log_files(tracker: Tracker, paths: Iterable[str | Path]) -> None:

@@ -75,6 +75,8 @@ class TrainJob:
     """MLflow run that rank 0 logs to."""
     extra_meta: dict = field(default_factory=dict)
     """Written into model.json as is (e.g. where the weights came from)."""
+    system_metrics_interval: float = 0.0
+    """Seconds between MLflow system metrics from rank 0 (0: off)."""
     stop_after: Optional[int] = None
     """Testing and debugging: stop (as if preempted) after this optimizer step."""
 
@@ -397,6 +399,15 @@ class Trainer:
             self.log(f"{self.world} rank(s), ZeRO-{t.zero_stage}, {precision}; {stream.steps_per_epoch} micro "
                      f"batches per rank per epoch, {stream.dropped_per_epoch} samples dropped per epoch")
 
+        monitor = self.tracker.system_metrics(job.system_metrics_interval, resume=start_step > 0)
+        try:
+            return self.train_loop(engine, stream, batches, mix_rng, dtype, start_step, peak, flops_img, global_batch)
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    def train_loop(self, engine, stream, batches, mix_rng, dtype, start_step, peak, flops_img, global_batch):
+        t, job, a = self.t, self.job, self.t.augment
         losses_path = self.out_dir / LOSSES_FILE
         window = torch.zeros(1, dtype=torch.float64)
         window_steps, window_start = 0, time.perf_counter()

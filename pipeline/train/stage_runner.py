@@ -32,6 +32,7 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(tracker, MLflowTracker):
         job.tracking_uri, job.run_id = tracker.tracking_uri, tracker.run_id
+        job.system_metrics_interval = tracker.system_metrics_interval
     job_path = out_dir / "job.json"
     job.save(job_path)
     for stale in [*out_dir.glob("error-rank*.txt"), out_dir / PREEMPTED_FILE]:
