@@ -141,7 +141,9 @@ def dispatch(args: argparse.Namespace) -> int:
     from pipeline.train.stage_runner import TrainingPreempted
     from stages import benchmark, export, finetune, prepare, pretrain
 
-    dirs = {s: workdir / s for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
+    from stages.recipe import stage_dirs
+
+    dirs = stage_dirs(workdir)
     out = args.out or dirs[args.command]
     manifest = getattr(args, "manifest", None) or dirs["prepare"] / "manifest.json"
     weights = getattr(args, "weights", None) or dirs["finetune"] / "model.safetensors"

@@ -11,12 +11,11 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import TrainConfig, train_fingerprint_fields, validate_train
-from pipeline.model.weights import model_config_from_meta
 from pipeline.data.manifest import load_manifest, verify_manifest
-from pipeline.model.weights import model_from_pair
+from pipeline.model.weights import model_config_from_meta, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
-from pipeline.train.stage_runner import TrainingPreempted, resume_tracker, run_training
+from pipeline.train.stage_runner import run_training_stage
 from stages import record
 
 
@@ -43,25 +42,13 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
         return done
     record.begin(out_dir, fp)
     record.mark_checkpoints(out_dir, fp)
-    tracker, owned = resume_tracker(tracker, out_dir)  # a resumed stage continues its MLflow run
-    status = "FAILED"
-    try:
-        tracker.log_params({**cfg, "init_from": str(weights_file), "init_image_size": meta["source_image_size"]})
-        job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
-                       manifest=str(Path(manifest).resolve()), out_dir=str(out_dir.resolve()),
-                       init_from=str(weights_file.resolve()),
-                       extra_meta={"init_from": str(weights_file.resolve()), "init_image_size": meta["source_image_size"]})
-        result = run_training(job, train.ranks, tracker)
-        result["weights"] = str(out_dir / "model.safetensors")
-        result["init_image_size"] = meta["source_image_size"]
-        tracker.log_artifact(out_dir / "model.json")
-        status = "FINISHED"
-    except TrainingPreempted:
-        status = "KILLED"  # checkpointed on request; the next attempt reopens this run
-        raise
-    finally:
-        if owned:
-            tracker.finish(status)
+    init = str(weights_file.resolve())
+    job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
+                   manifest=str(Path(manifest).resolve()), out_dir=str(out_dir.resolve()), init_from=init,
+                   extra_meta={"init_from": init, "init_image_size": meta["source_image_size"]})
+    params = {**cfg, "init_from": init, "init_image_size": meta["source_image_size"]}
+    result = run_training_stage(job, train.ranks, tracker, params)
+    result["init_image_size"] = meta["source_image_size"]
     record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     before = result.get("val_accuracy_before")
     before_s = f"{before:.4f}" if before is not None else "n/a (new classes)"

@@ -14,7 +14,7 @@ from pipeline.config import ModelConfig, TrainConfig, train_fingerprint_fields
 from pipeline.data.manifest import load_manifest, verify_manifest
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
-from pipeline.train.stage_runner import TrainingPreempted, resume_tracker, run_training
+from pipeline.train.stage_runner import run_training_stage
 from stages import record
 
 
@@ -39,20 +39,7 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
         return done
     record.begin(out_dir, fp)
     record.mark_checkpoints(out_dir, fp)
-    tracker, owned = resume_tracker(tracker, out_dir)  # a resumed stage continues its MLflow run
-    status = "FAILED"
-    try:
-        tracker.log_params(cfg)
-        result = run_training(build_job(model, train, manifest, out_dir), train.ranks, tracker)
-        result["weights"] = str(out_dir / "model.safetensors")
-        tracker.log_artifact(out_dir / "model.json")
-        status = "FINISHED"
-    except TrainingPreempted:
-        status = "KILLED"  # checkpointed on request; the next attempt reopens this run
-        raise
-    finally:
-        if owned:
-            tracker.finish(status)
+    result = run_training_stage(build_job(model, train, manifest, out_dir), train.ranks, tracker, cfg)
     record.finish(out_dir, "pretrain", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     print(f"[pretrain] val accuracy {result['val_accuracy']:.4f} at {train.image_size}px -> {result['weights']}")
     return result

@@ -52,3 +52,24 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
     if not result_path.is_file():
         raise TrainingError(f"{job.stage}: ranks exited cleanly but {result_path} was not written")
     return json.loads(result_path.read_text())
+
+
+def run_training_stage(job: TrainJob, nprocs: int, tracker: Tracker, params: dict) -> dict:
+    """A training stage's run: continue the MLflow run of a resumed checkpoint, log `params`, train,
+    log model.json; the result gains `weights`. Ends a continued run FINISHED, FAILED or KILLED."""
+    out_dir = Path(job.out_dir)
+    tracker, owned = resume_tracker(tracker, out_dir)
+    status = "FAILED"
+    try:
+        tracker.log_params(params)
+        result = run_training(job, nprocs, tracker)
+        result["weights"] = str(out_dir / "model.safetensors")
+        tracker.log_artifact(out_dir / "model.json")
+        status = "FINISHED"
+        return result
+    except TrainingPreempted:
+        status = "KILLED"  # checkpointed on request; the next attempt reopens this run
+        raise
+    finally:
+        if owned:
+            tracker.finish(status)
