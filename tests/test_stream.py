@@ -202,3 +202,27 @@ def test_missing_label_member_is_an_error_never_a_mispairing(copy):
     _fix_manifest(copy, shard)
     with pytest.raises(DataError, match="lacks an image or its .cls label"):
         _one_epoch(copy)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile_including_long_names(tmp_path, fmt):
+    from pipeline.data.stream import tar_members
+
+    members = {"a.cls": b"3", "dir/b.png": b"\x89PNG" + bytes(700), ("x" * 120) + "/long.cls": b"7",
+               "y" * 150 + ".png": bytes(513)}
+    if fmt == tarfile.USTAR_FORMAT:
+        members.pop("y" * 150 + ".png")  # ustar cannot store a 150-character base name
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        assert dict(tar_members(f, "t.tar")) == members
+    # a stream cut before the end marker is an error, never a shorter list of members (a cut in the
+    # trailing padding loses nothing; read_shard still catches it by size and sha256)
+    data = path.read_bytes()
+    for cut in (100, 512, 1024, 1500, 2048, 2560):  # all inside the members, before the end marker
+        with pytest.raises(DataError, match="t.tar"):
+            list(tar_members(io.BytesIO(data[:cut]), "t.tar"))
