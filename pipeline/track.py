@@ -181,9 +181,7 @@ class MLflowTracker:
         an object with .finish(), or None when disabled."""
         if interval <= 0:
             return None
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=resume)
+        monitor = _flushing_monitor_class()(self.run_id, sampling_interval=interval, resume_logging=resume)
         monitor.start()
         return monitor
 
@@ -194,6 +192,25 @@ class MLflowTracker:
     def reopen(self) -> None:
         """Mark a finished or killed run as running again (a resumed stage continues it)."""
         self._client.update_run(self.run_id, status="RUNNING")
+
+
+def _flushing_monitor_class():
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class FlushingMonitor(SystemMetricsMonitor):
+        """MLflow's monitor drops the samples of its last, unfinished interval at shutdown; a run
+        shorter than one interval would have no system metrics at all. Publish a final sample."""
+
+        def finish(self):
+            super().finish()
+            try:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+            except Exception:  # best effort, like MLflow's own monitor: never fail training for it
+                pass
+
+    return FlushingMonitor
 
 
 def continue_previous_run(tracker: Tracker, previous_run_id: str | None) -> tuple[Tracker, bool]:

@@ -20,10 +20,10 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's standalone server) on 127.0.0.1:<free port>."""
-    pytest.importorskip("boto3")
+    import boto3  # noqa: F401  (the test extra)
+
     moto_server = Path(sys.executable).parent / "moto_server"
-    if not moto_server.exists():
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    assert moto_server.exists(), "moto_server missing: install the test extra (pip install -e '.[test]')"
     port = free_port()
     proc = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -199,7 +199,7 @@ def openapi_schema(type_name: str, defs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def pytorchjob_schema() -> dict:
-    pytest.importorskip("kubeflow.training", reason="kubeflow-training (the test extra) provides the PyTorchJob models")
+    import kubeflow.training  # noqa: F401  (the test extra: it provides the PyTorchJob models)
     defs: dict = {}
     root = openapi_schema("KubeflowOrgV1PyTorchJob", defs)
     return {**root, "$defs": defs}
@@ -341,7 +341,7 @@ def slurm_cluster(tmp_path):
     if not all(_slurm_binary(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
         proc = subprocess.run(["bash", str(ROOT / "tests" / "slurm" / "setup.sh")], capture_output=True, text=True)
         if proc.returncode != 0:
-            pytest.skip(f"slurm-wlm/munge could not be installed: {proc.stderr.strip()[-500:]}")
+            pytest.fail(f"slurm-wlm/munge could not be installed by tests/slurm/setup.sh: {proc.stderr.strip()[-500:]}")
     d = tmp_path / "slurm"
     for sub in ("state", "spool", "munge"):
         (d / sub).mkdir(parents=True)
