@@ -40,7 +40,7 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[finetune] up to date: {done['weights']}")
         return done
-    record.begin(out_dir, fp)
+    record.begin(out_dir, fp, resume=not force)  # --force retrains from scratch
     record.mark_checkpoints(out_dir, fp)
     init = str(weights_file.resolve())
     job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],

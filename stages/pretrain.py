@@ -37,7 +37,7 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[pretrain] up to date: {done['weights']}")
         return done
-    record.begin(out_dir, fp)
+    record.begin(out_dir, fp, resume=not force)  # --force retrains from scratch
     record.mark_checkpoints(out_dir, fp)
     result = run_training_stage(build_job(model, train, manifest, out_dir), train.ranks, tracker, cfg)
     record.finish(out_dir, "pretrain", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)

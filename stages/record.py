@@ -59,14 +59,14 @@ def completed(out_dir: Path, fp: str) -> dict | None:
     return rec.get("result")
 
 
-def begin(out_dir: Path, fp: str) -> None:
+def begin(out_dir: Path, fp: str, resume: bool = True) -> None:
     """Start (or restart) a stage: drop the old record and outputs first, so a crash never leaves
     something that looks complete. Training checkpoints survive only if they were written for the
     same fingerprint (same config and inputs), so an interrupted stage resumes instead of restarting."""
     out_dir = Path(out_dir)
     (out_dir / RECORD).unlink(missing_ok=True)
     ckpt_fp = out_dir / "checkpoints" / "fingerprint.txt"
-    keep_ckpt = ckpt_fp.is_file() and ckpt_fp.read_text().strip() == fp
+    keep_ckpt = resume and ckpt_fp.is_file() and ckpt_fp.read_text().strip() == fp
     if out_dir.exists():
         for child in out_dir.iterdir():
             if keep_ckpt and child.name in RESUMABLE:

@@ -308,6 +308,9 @@ class Trainer:
         client = {"step": step, "world_size": self.world, "ranks": per_rank, "mlflow_run_id": self.job.run_id,
                   # lets DeepSpeed's ds_to_universal convert this checkpoint for another rank count
                   "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        if self.rank == 0:  # a folder reused for this tag must not look committed while it is rewritten
+            (self.ckpt_root / tag / checkpoints.MARKER).unlink(missing_ok=True)
+        dist.barrier()
         _fault_point("save", step, self.rank)
         engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's files are on disk before the marker says so
