@@ -8,10 +8,9 @@ that really ran, the environment) and prints the table.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 
+from pipeline.atomic import write_json
 from pipeline.config import BenchmarkConfig
 from pipeline.export.benchmark import benchmark_onnx, benchmark_torch, compare, environment, format_table
 from pipeline.model.weights import model_from_pair
@@ -51,9 +50,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path, weights: str | Path, out_
                              f"ort_p50_ms_b{r['batch_size']}": r["ort_p50_ms"],
                              f"speedup_b{r['batch_size']}": r["speedup"]})
     path = out_dir / "bench.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json(path, result)
     tracker.log_artifact(path)
     record.finish(out_dir, "benchmark", fp, [path], result)
     print(f"[benchmark] onnxruntime providers used: {', '.join(providers)}")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import write_json
 from pipeline.config import ExportConfig
 from pipeline.data.loader import iter_split, make_transform
 from pipeline.data.manifest import load_manifest
@@ -83,9 +82,7 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
         "parity": {**parity, "tolerance": export.parity_tolerance},
     }
     meta_path = out_dir / "model.onnx.json"
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, meta_path)
+    write_json(meta_path, info)
     tracker.log_artifact(meta_path)
     record.finish(out_dir, "export", fp, [onnx_path, meta_path], info)
     print(f"[export] {onnx_path}: parity max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement "

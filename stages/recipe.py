@@ -6,12 +6,11 @@ per stage, each with its stage.json once complete) and summary.json with the sum
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import yaml
 
+from pipeline.atomic import write_json
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.track import NullTracker, Tracker, start_tracker
 from pipeline.train.stage_runner import TrainingPreempted
@@ -116,6 +115,4 @@ def run(cfg: PipelineConfig, workdir: str | Path | None = None, force: bool = Fa
 
 
 def _write_summary(workdir: Path, summary: dict) -> None:
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, workdir / "summary.json")
+    write_json(workdir / "summary.json", summary)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from pipeline.atomic import write_json
 
 RECORD = "stage.json"
 # What an interrupted training stage keeps for its resume: the checkpoints and the logs they continue.
@@ -86,6 +87,4 @@ def mark_checkpoints(out_dir: Path, fp: str) -> Path:
 def finish(out_dir: Path, stage: str, fp: str, outputs: list[str | Path], result: dict) -> None:
     """Mark a stage done: write stage.json atomically, last."""
     rec = {"stage": stage, "fingerprint": fp, "outputs": [str(o) for o in outputs], "result": result}
-    tmp = Path(out_dir) / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=2, default=str))
-    os.replace(tmp, Path(out_dir) / RECORD)
+    write_json(Path(out_dir) / RECORD, rec)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.atomic import write_json
 from pipeline.config import ModelConfig, TrainConfig, from_dict
 from pipeline.model.vit import build_model, flops_per_image, param_groups_for_weight_decay
 
@@ -197,9 +198,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     num_classes = 10
     result = bench_train(cfg.model, cfg.pretrain, num_classes, steps=args.steps, warmup=args.warmup, ranks=args.ranks)
     print(format_table(result))
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     return 0
 
 

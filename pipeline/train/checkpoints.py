@@ -12,10 +12,11 @@ Contract (see also docs/checkpoints.md):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
+
+from pipeline.atomic import write_json
 
 MARKER = "COMMITTED"
 PREFIX = "step_"
@@ -52,9 +53,7 @@ def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int, ml
     """Mark `tag` complete (rank 0, after every rank finished writing)."""
     info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time(),
             "mlflow_run_id": mlflow_run_id}
-    tmp = root / tag / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, root / tag / MARKER)
+    write_json(root / tag / MARKER, info, indent=None)
 
 
 def prune(root: Path, keep: int) -> list[str]:

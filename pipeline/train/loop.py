@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.atomic import write_json
 from pipeline.config import ModelConfig, TrainConfig, from_dict, validate_model, validate_train
 from pipeline.data.augment import TrainTransform, mix_batch
 from pipeline.data.loader import eval_batches
@@ -82,9 +83,7 @@ class TrainJob:
 
     def save(self, path: str | Path) -> None:
         """Write the job as JSON (atomically: every node may read it)."""
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        os.replace(tmp, path)
+        write_json(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainJob":
@@ -202,12 +201,6 @@ def consolidated_state_dict(engine, ckpt_root: Path, tag: str, zero_stage: int) 
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
     return {k: v.float().contiguous() for k, v in sd.items()}
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- RNG and resume
@@ -455,7 +448,7 @@ class Trainer:
                 if stop:
                     self.log(f"stopping after step {step} ({stop}); committed {tag}; resume continues from it")
                     if self.rank == 0:
-                        _atomic_json(self.out_dir / PREEMPTED_FILE, {"step": step, "tag": tag, "reason": stop})
+                        write_json(self.out_dir / PREEMPTED_FILE, {"step": step, "tag": tag, "reason": stop})
                     raise Preempted()
         return self.finish(engine, stream, mix_rng, dtype, global_batch)
 
@@ -503,7 +496,7 @@ class Trainer:
             meta = weights_meta(self.mcfg, t.image_size, self.manifest.num_classes, self.manifest.class_names,
                                 stage=job.stage, steps=t.steps, val_accuracy=ev["accuracy"], **job.extra_meta)
             save_weights_pair(self.out_dir, state, meta)
-            _atomic_json(self.out_dir / RESULT_FILE, self.result)
+            write_json(self.out_dir / RESULT_FILE, self.result)
         dist.barrier()
         return self.result if self.rank == 0 else None
 
