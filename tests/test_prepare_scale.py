@@ -7,11 +7,7 @@ import hashlib
 import io
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 

@@ -8,7 +8,6 @@ import json
 import shutil
 import tarfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -226,3 +225,33 @@ def test_tar_reader_matches_tarfile_including_long_names(tmp_path, fmt):
     for cut in (100, 512, 1024, 1500, 2048, 2560):  # all inside the members, before the end marker
         with pytest.raises(DataError, match="t.tar"):
             list(tar_members(io.BytesIO(data[:cut]), "t.tar"))
+
+
+def test_tar_reader_rejects_a_damaged_header_and_reads_short_reads(tmp_path):
+    """A flipped byte in any header field is caught by the checksum before it can mis-pair members;
+    a stream that returns a few bytes per read (pipes, sockets) reads the same members."""
+    from pipeline.data.stream import tar_members
+
+    members = {f"{i:04d}.{ext}": bytes([i]) * (300 + i) for i in range(5) for ext in ("png", "cls")}
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = path.read_bytes()
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data):
+            self.f = io.BytesIO(data)
+
+        def read(self, n=-1):
+            return self.f.read(min(n, 97))
+
+    assert dict(tar_members(Trickle(data), "t.tar")) == members
+    for offset in (0, 5, 130, 157, 300):  # name, name, size, type flag, inside the ustar fields
+        for header_at in (0, 1024, 4096):  # the first, second and fifth member's headers
+            damaged = bytearray(data)
+            damaged[header_at + offset] ^= 0x04
+            with pytest.raises(DataError, match="t.tar: damaged tar header"):
+                list(tar_members(io.BytesIO(bytes(damaged)), "t.tar"))

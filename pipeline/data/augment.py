@@ -1,8 +1,9 @@
 """Pre-training augmentation without torchvision: random resized crop, flip, RandAugment (PIL),
 and batch-level mixup/cutmix with label smoothing (torch).
 
-Per-image randomness comes from a `random.Random` the caller seeds from (seed, epoch, shard, key),
-so an image gets the same augmentation whether or not the run was interrupted and resumed.
+Randomness comes from a `random.Random` the caller passes in; the training stream seeds one per
+batch from (seed, epoch, stream, batch), so a batch gets the same augmentations whether or not the
+run was interrupted and resumed.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ loopback traffic share the CPU; it penalizes both HTTP figures alike.
 from __future__ import annotations
 
 import http.client
-import io
 import itertools
 import os
 import platform
@@ -34,11 +33,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
 
-from PIL import Image
 
 from pipeline.data.augment import TrainTransform
 from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, load_manifest
-from pipeline.data.stream import tar_members, train_stream
+from pipeline.data.stream import decode_image, tar_members, train_stream
 
 
 @dataclass
@@ -228,10 +226,7 @@ def bench_data(manifest_path: str | Path, settings: BenchSettings = BenchSetting
     rng = random.Random(0)
 
     def decode_and_transform(item) -> None:
-        _, _, data, _ = item
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            transform(image, rng)
+        transform(decode_image(item[2]), rng)  # the loader's own decode, then the training transform
 
     # the first n train images, in memory: the ceiling's input and the folder's content
     in_memory = list(itertools.islice(_local_shard_samples(shard_paths), n))

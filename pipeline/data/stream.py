@@ -34,6 +34,7 @@ import os
 import random
 import subprocess
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -101,38 +102,62 @@ class _PipeStream(io.RawIOBase):
                 raise DataError(f"{self.url}: command exited with status {code}")
 
 
-class _HashingReader(io.RawIOBase):
-    """Passes reads through while counting and hashing the bytes (so verification costs no extra I/O)."""
+class _HashingReader:
+    """Reads from a raw stream while counting and hashing the bytes (verification costs no extra I/O)."""
 
     def __init__(self, raw):
         self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
+    def read(self, n: int) -> bytes:
+        data = self.raw.read(n)
         self.sha.update(data)
-        self.nbytes += n
-        return n
+        self.nbytes += len(data)
+        return data
 
     def drain(self) -> None:
         """Read to the end (tar readers stop at the end-of-archive marker, before the padding)."""
-        while chunk := self.raw.read(_CHUNK):
-            self.sha.update(chunk)
-            self.nbytes += len(chunk)
+        while self.read(_CHUNK):
+            pass
 
 
 _ZERO_BLOCK = bytes(512)
+_ADLER_MOD = 65521
 
 
 def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+    """A tar numeric field: octal digits ended by NUL or space, or GNU base-256 (sizes >= 8 GiB)."""
+    if field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(field.rstrip(b"\0 ") or b"0", 8)  # the usual "0000644\0"; int() skips leading spaces
+    except ValueError:
+        text = field.split(b"\0", 1)[0].strip()  # digits, then a NUL, then anything
+        return int(text, 8) if text else 0
+
+
+def _header_ok(header: bytes) -> bool:
+    """Whether the header's bytes, its checksum field read as eight spaces, sum to the stored checksum.
+
+    Adler-32's low half is (1 + the byte sum) mod 65521, computed in C: ~20x cheaper than Python's
+    `sum()` over 512 bytes, which cost ~9 us per sample (two members) on MNIST-sized images. A header
+    sums to at most 512 x 255 = 130,560, so a damaged header passes only if its sum moved by exactly
+    65,521; the shard's sha256, checked when the shard ends, catches any damage regardless.
+    """
+    field = header[148:156]
+    spaced = ((zlib.adler32(header) & 0xFFFF) - sum(field) + 256) % _ADLER_MOD  # 1 + the spaced sum
+    return spaced == (1 + _octal(field)) % _ADLER_MOD
+
+
+def _fill(f, buf: bytes, need: int) -> bytes:
+    """`buf` followed by reads from `f` until it holds `need` bytes or `f` ends (streams may read short)."""
+    parts, have = [buf], len(buf)
+    while have < need:
+        more = f.read(max(_CHUNK, need - have))
+        if not more:
+            break
+        parts.append(more)
+        have += len(more)
+    return b"".join(parts)
 
 
 def tar_members(f, name: str) -> Iterator[tuple[str, bytes]]:
@@ -140,26 +165,36 @@ def tar_members(f, name: str) -> Iterator[tuple[str, bytes]]:
 
     Ours rather than `tarfile`: it is ~20x faster per member (half of the loader's time went to
     tarfile's header parsing), it checks every header's checksum, and it never ends silently: a
-    stream that stops before the end-of-archive marker is an error.
+    stream that stops before the end-of-archive marker is an error. It reads `f` in large chunks
+    and slices members out of them: per-member `read` calls cost more than parsing the header.
     """
+    buf, off = b"", 0
     long_name: bytes | None = None
     pax_path: bytes | None = None
     while True:
-        header = f.read(512)
-        if len(header) < 512:
-            raise DataError(f"{name}: tar ends without its end-of-archive marker (truncated)")
+        if len(buf) - off < 512:
+            buf, off = _fill(f, buf[off:], 512), 0
+            if len(buf) < 512:
+                raise DataError(f"{name}: tar ends without its end-of-archive marker (truncated)")
+        header = buf[off:off + 512]
         if header == _ZERO_BLOCK:
             return
-        stored = _octal(header[148:156])
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as spaces
+        try:
+            ok = _header_ok(header)
+            size = _octal(header[124:136])
+        except ValueError:
+            ok = False
+        if not ok:
             raise DataError(f"{name}: damaged tar header (checksum mismatch)")
-        size = _octal(header[124:136])
-        data = f.read(size)
-        if len(data) < size:
-            raise DataError(f"{name}: tar member cut short (truncated)")
-        pad = -size % 512
-        if pad and len(f.read(pad)) < pad:
-            raise DataError(f"{name}: tar padding cut short (truncated)")
+        end = off + 512 + size
+        padded = end + (-size % 512)
+        if len(buf) < padded:  # the member (and its padding) runs past what is buffered
+            buf = _fill(f, buf, padded)
+            if len(buf) < padded:
+                what = "member" if len(buf) < end else "padding"
+                raise DataError(f"{name}: tar {what} cut short (truncated)")
+        data = buf[off + 512:end]
+        off = padded
         kind = header[156:157]
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0")
@@ -190,24 +225,25 @@ def read_shard(url: str, record: dict, name: str) -> Iterator[dict]:
     count = 0
     try:
         current: dict | None = None
+        key = None
         try:
-            for fname, data in tar_members(io.BufferedReader(reader, _CHUNK), name):
+            for fname, data in tar_members(reader, name):
                 base, _, ext = fname.rpartition(".")
                 if not base:
                     raise DataError(f"{name}: member {fname!r} has no extension")
-                if current is not None and base != current["__key__"]:
-                    _check_sample(current, name)
-                    count += 1
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": base, "__shard__": name}
-                if ext.lower() in current:
+                if base != key:
+                    if current is not None:
+                        _check_sample(current, name)
+                        count += 1
+                        yield current
+                    current, key = {"__key__": base, "__shard__": name}, base
+                ext = ext.lower()
+                if ext in current:
                     raise DataError(f"{name}: sample {base!r} has two .{ext} members")
-                current[ext.lower()] = data
+                current[ext] = data
         except DataError:
             raise
-        except Exception as e:  # tarfile/OS errors from a damaged or cut stream
+        except Exception as e:  # OS errors, bad octal fields from a damaged or cut stream
             raise DataError(f"{name}: cannot read shard ({type(e).__name__}: {e})") from None
         if current is not None:
             _check_sample(current, name)
@@ -226,12 +262,17 @@ def read_shard(url: str, record: dict, name: str) -> Iterator[dict]:
         raise DataError(f"{name}: read {count} samples but the manifest records {record['samples']}")
 
 
+_IMAGE_KEYS = IMAGE_SUFFIXES + ("jpeg",)
+
+
 def _check_sample(sample: dict, shard: str) -> None:
-    has_image = any(s in sample for s in IMAGE_SUFFIXES)
-    if not has_image or "cls" not in sample:
-        fields = sorted(k for k in sample if not k.startswith("__"))
-        raise DataError(f"{shard}: sample {sample['__key__']!r} lacks an image or its .cls label (has {fields}); "
-                        "image and label must share a key")
+    if "cls" in sample:
+        for ext in _IMAGE_KEYS:
+            if ext in sample:
+                return
+    fields = sorted(k for k in sample if not k.startswith("__"))
+    raise DataError(f"{shard}: sample {sample['__key__']!r} lacks an image or its .cls label (has {fields}); "
+                    "image and label must share a key")
 
 
 # --------------------------------------------------------------------------- the plan of an epoch
@@ -318,20 +359,25 @@ def _shuffled(items: Iterator[dict], bufsize: int, rng: random.Random) -> Iterat
     yield from buf
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """An encoded image, decoded (PIL raises on bytes that are not a readable image)."""
+    with io.BytesIO(data) as f:
+        image = Image.open(f)
+        image.load()
+    return image
+
+
 def _decode(sample: dict) -> Image.Image:
-    for ext in IMAGE_SUFFIXES + ("jpeg",):
+    for ext in _IMAGE_KEYS:
         if ext in sample:
-            with io.BytesIO(sample[ext]) as f:
-                image = Image.open(f)
-                image.load()
-            return image
+            return decode_image(sample[ext])
     raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has no image")
 
 
 def _label(sample: dict, num_classes: int) -> int:
     try:
-        label = int(sample["cls"].decode().strip())
-    except (ValueError, UnicodeDecodeError):
+        label = int(sample["cls"])  # int() takes ASCII bytes and ignores surrounding whitespace
+    except ValueError:
         raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has a non-integer label") from None
     if not 0 <= label < num_classes:
         raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has label {label}, "
@@ -379,6 +425,15 @@ class _EpochDataset(IterableDataset):
         pos, done, corrupt = self.positions.get(sid, [0, 0, 0])
         yield from self._stream(plan, sid, pos, done, corrupt)
 
+    def _augment_rng(self, sid: int, batch: int) -> random.Random:
+        """The augmentation RNG of one batch of a stream, seeded by (seed, epoch, stream, batch).
+
+        Per batch, not per image: seeding a Mersenne Twister costs ~6 us, 4 % of decoding an MNIST
+        image. A resume starts at a batch boundary, so a resumed batch draws exactly the
+        augmentations the uninterrupted run drew.
+        """
+        return random.Random(f"{self.s.seed}:{self.epoch}:{sid}:{batch}:augment")
+
     def _raw(self, plan: EpochPlan, sid: int) -> Iterator[dict]:
         for i in plan.streams[sid]:
             yield from read_shard(self.s.urls[i], self.s.records[i], self.s.names[i])
@@ -391,6 +446,7 @@ class _EpochDataset(IterableDataset):
             next(raw)
         images, labels, keys = [], [], []
         corrupt_by_shard: dict[str, int] = {}
+        aug = self._augment_rng(sid, done)
         while done < plan.batches_per_stream:
             try:
                 sample = next(raw)
@@ -413,8 +469,7 @@ class _EpochDataset(IterableDataset):
                         f"({plan.allowance[sid]} of {plan.stream_samples[sid]})"
                     ) from None
                 continue
-            seed = f"{s.seed}:{self.epoch}:{sample['__shard__']}:{sample['__key__']}"
-            images.append(s.transform(image, random.Random(seed)))
+            images.append(s.transform(image, aug))
             labels.append(label)
             keys.append(f"{sample['__shard__']}/{sample['__key__']}")
             if len(images) == s.micro_batch:
@@ -425,6 +480,7 @@ class _EpochDataset(IterableDataset):
                        "keys": keys, "stream": sid, "position": [pos, done, corrupt],
                        "corrupt": dict(corrupt_by_shard)}
                 images, labels, keys, corrupt_by_shard = [], [], [], {}
+                aug = self._augment_rng(sid, done)
 
 
 # --------------------------------------------------------------------------- what training iterates
