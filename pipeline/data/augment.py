@@ -104,6 +104,19 @@ class TrainTransform:
         self._finish = make_transform(self.image_size, self.in_channels, self.mean, self.std)
 
     def __call__(self, image: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
+        """Normalized float32 (C, H, W)."""
+        return self._finish.normalize(torch.from_numpy(self.pixels(image, rng)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) from `pixels`, on any device -> normalized float32."""
+        return self._finish.normalize(pixels)
+
+    def pixels(self, image: Image.Image, rng: Optional[random.Random] = None) -> np.ndarray:
+        """uint8 (C, H, W) after the augmentations, before normalization.
+
+        What loader workers hand over: a quarter of float32's bytes through the worker queue, and
+        the normalization runs where the batch lands (on the GPU, for free).
+        """
         rng = rng or random.Random(0)
         image = image.convert("L" if self.in_channels == 1 else "RGB")
         if self.random_resized_crop:
@@ -113,7 +126,7 @@ class TrainTransform:
             image = ImageOps.mirror(image)
         if self.randaugment_ops:
             image = rand_augment(image, self.randaugment_ops, self.randaugment_magnitude, rng)
-        return self._finish(image)
+        return self._finish.pixels(image)
 
 
 def eval_transform(image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float]):

@@ -2,8 +2,9 @@
 
 Measured, each on the same first `max_images` train images (in shard order):
 
-- ceiling: decode + the training transform (random resized crop, flip, normalize) on encoded
-  images already in memory, one process: the most one loader worker could deliver;
+- ceiling: decode + the training transform (random resized crop, flip, to uint8 pixels) on
+  encoded images already in memory, one process: the most one loader worker could deliver
+  (normalization runs where batches land, on the GPU; it is not a worker's job);
 - loader: `pipeline.data.stream.train_stream` for each worker count (total and per worker), and
   with 1 worker reading the shards over HTTP;
 - folder: the same images extracted once to a folder of files, read + decode + transform;
@@ -216,7 +217,7 @@ def bench_data(manifest_path: str | Path, settings: BenchSettings = BenchSetting
     if settings.max_images < settings.batch:
         raise DataError(f"--max-images {settings.max_images}: must be >= --batch {settings.batch}")
     image_size = settings.image_size or (manifest.image_size[0] if manifest.image_size else 224)
-    # the training transform: decode, random resized crop, flip, normalize (what "augmented" means here)
+    # the training transform: random resized crop, flip, uint8 pixels (what "augmented" means here)
     transform = TrainTransform(image_size, manifest.channels, [settings.mean], [settings.std],
                                random_resized_crop=True, hflip=True)
     n = settings.max_images
@@ -226,7 +227,7 @@ def bench_data(manifest_path: str | Path, settings: BenchSettings = BenchSetting
     rng = random.Random(0)
 
     def decode_and_transform(item) -> None:
-        transform(decode_image(item[2]), rng)  # the loader's own decode, then the training transform
+        transform.pixels(decode_image(item[2]), rng)  # the loader's own decode, then what its workers run
 
     # the first n train images, in memory: the ceiling's input and the folder's content
     in_memory = list(itertools.islice(_local_shard_samples(shard_paths), n))

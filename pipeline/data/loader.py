@@ -50,17 +50,25 @@ class ImageTransform:
         if (self.std <= 0).any():
             raise ValueError(f"std: every value must be > 0, got {list(std)}")
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """uint8 (C, H, W): converted to L/RGB and resized, not yet normalized."""
         if image.mode != self.mode:
             image = image.convert(self.mode)
         size = (self.image_size, self.image_size)
         if image.size != size:
             image = image.resize(size, Image.Resampling.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+        pixels = np.asarray(image)  # (H, W) or (H, W, C) uint8
         if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (C, H, W)
-        return (x - self.mean) / self.std
+            return pixels[None].copy()
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) on any device -> float32, scaled to [0, 1] and normalized."""
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(torch.from_numpy(self.pixels(image)))
 
 
 def make_transform(image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
@@ -82,11 +90,12 @@ def _check_rank(rank: int, world_size: int) -> None:
 def iter_split(manifest: Manifest | str | Path, split: str) -> Iterator[tuple[str, Image.Image, int]]:
     """(key, PIL image in its stored mode, label) for every sample of `split`, in manifest order.
 
-    Each shard is checked against the manifest (size, sha256, count) as it streams past.
+    Shards are read beside the manifest, a local folder or a URL (s3://, http(s)://); each is
+    checked against the manifest (size, sha256, count) as it streams past.
     """
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    for path, record in zip(manifest.shard_paths(split), manifest.shards(split)):
-        for sample in read_shard(str(path), record, record["name"]):
+    for location, record in zip(manifest.shard_locations(split), manifest.shards(split)):
+        for sample in read_shard(location, record, record["name"]):
             ext = next(e for e in IMAGE_SUFFIXES if e in sample)
             try:
                 with io.BytesIO(sample[ext]) as f:

@@ -469,14 +469,15 @@ class _EpochDataset(IterableDataset):
                         f"({plan.allowance[sid]} of {plan.stream_samples[sid]})"
                     ) from None
                 continue
-            images.append(s.transform(image, aug))
+            images.append(s.transform.pixels(image, aug))
             labels.append(label)
             keys.append(f"{sample['__shard__']}/{sample['__key__']}")
             if len(images) == s.micro_batch:
                 done += 1
-                # numpy, not torch: a worker hands a numpy batch to the main process through its
-                # queue ~6x faster than a tensor, which goes through a shared-memory segment.
-                yield {"images": torch.stack(images).numpy(), "labels": np.asarray(labels, dtype=np.int64),
+                # uint8 numpy, not a float tensor: a worker hands a numpy batch to the main process
+                # through its queue ~6x faster than a tensor (which goes through a shared-memory
+                # segment), and uint8 is a quarter of float32's bytes; the consumer normalizes.
+                yield {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int64),
                        "keys": keys, "stream": sid, "position": [pos, done, corrupt],
                        "corrupt": dict(corrupt_by_shard)}
                 images, labels, keys, corrupt_by_shard = [], [], [], {}
@@ -520,8 +521,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class TrainStream:
     """This rank's training batches, epoch after epoch, with a checkpointable position.
 
-    Iterating yields dicts with "images" (B, C, H, W), "labels" (B,), "keys" (B shard/key strings)
-    and "corrupt" (per-shard counts of skipped images since the previous batch).
+    Iterating yields dicts with "images" (B, C, H, W) uint8 pixels (normalize them where they land,
+    with the transform's `normalize`), "labels" (B,), "keys" (B shard/key strings) and "corrupt"
+    (per-shard counts of skipped images since the previous batch).
     """
 
     def __init__(self, settings: StreamSettings, state: StreamState | None = None):
@@ -565,17 +567,18 @@ class TrainStream:
 
 
 def shard_urls(manifest: Manifest, split: str, base_url: Optional[str] = None) -> list[str]:
-    """Where each shard of `split` is read from: beside the manifest, or under `base_url`."""
+    """Where each shard of `split` is read from: under `base_url` when set, else beside the manifest
+    (a local path, or a URL for a manifest loaded from s3:// or http(s)://)."""
     if base_url:
         return [f"{base_url.rstrip('/')}/{s['name']}" for s in manifest.shards(split)]
-    return [str(p) for p in manifest.shard_paths(split)]
+    return manifest.shard_locations(split)
 
 
 def train_stream(manifest: Manifest | str | Path, *, transform: Callable, micro_batch: int, rank: int,
                  world_size: int, workers: int = 0, shuffle_buffer: int = 1000, seed: int = 0,
                  sampling: str = "exact", max_corrupt_fraction: float = 0.0, base_url: Optional[str] = None,
                  state: StreamState | None = None) -> TrainStream:
-    """This rank's `TrainStream` over the train split; `transform(image, rng)` -> (C, H, W) tensor."""
+    """This rank's `TrainStream` over the train split; `transform.pixels(image, rng)` -> uint8 (C, H, W)."""
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")

@@ -381,6 +381,7 @@ class Trainer:
                               sampling=t.sampling, max_corrupt_fraction=t.max_corrupt_fraction,
                               base_url=t.shard_base_url, state=stream_state)
         batches = iter(stream)
+        self.normalize = transform.normalize  # batches arrive as uint8 pixels
 
         peak = t.peak_tflops or measure_peak_tflops(self.device, dtype)
         flops_img = 3 * flops_per_image(model)  # forward + backward ≈ 3x forward (see flops_per_image)
@@ -415,7 +416,8 @@ class Trainer:
                 batch = next(batches)
                 for shard, n in batch["corrupt"].items():
                     corrupt[shard] = corrupt.get(shard, 0) + n
-                images, targets = mix_batch(batch["images"], batch["labels"], self.manifest.num_classes,
+                images = self.normalize(batch["images"].to(self.device, non_blocking=True))
+                images, targets = mix_batch(images, batch["labels"], self.manifest.num_classes,
                                             mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                                             smoothing=t.label_smoothing, generator=mix_rng)
                 step_loss += train_micro_step(engine, images, targets, self.device, dtype) / t.grad_accum
