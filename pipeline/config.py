@@ -201,7 +201,8 @@ class TrainConfig:
     max_corrupt_fraction: float = 0.0
     """Images that fail to decode are skipped and counted; above this fraction of a stream the job stops."""
     shard_base_url: Optional[str] = None
-    """Read shards from here instead of beside the manifest: http(s)://, s3://bucket/prefix or pipe:."""
+    """Read shards from here instead of beside the manifest (which may itself be local or at an
+    s3:// or http(s):// URL): http(s)://, s3://bucket/prefix or pipe:."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
     activation_checkpointing: bool = False
@@ -219,7 +220,8 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint of this stage's folder; never: start over."""
     verify_shards: Literal["full", "size"] = "full"
     """Before training: full re-hashes every shard against the manifest (and counts samples); size
-    only compares file sizes (for very large datasets). Sizes and counts are checked while streaming too."""
+    only compares file sizes (for very large datasets). A manifest at an s3:// or http(s):// URL
+    always gets the size check (a HEAD per shard). Sizes, sha256 and counts are checked while streaming too."""
 
 
 # TrainConfig fields that say how a stage runs, not what it computes: changing them neither

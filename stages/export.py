@@ -1,6 +1,7 @@
 """Stage 4, export: a weights pair -> ONNX with a dynamic batch axis, parity-checked on held-out images.
 
-Reads: model.safetensors/model.json, manifest.json (its val split supplies real held-out images).
+Reads: model.safetensors/model.json, manifest.json (its val split supplies real held-out images; a
+local file or an s3:// or http(s):// URL, the shards read beside it).
 Writes: <out>/model.onnx and <out>/model.onnx.json (input name/shape, normalization, classes, opset,
 parity figures). Fails, leaving no model.onnx.json, if max |dlogit| exceeds export.parity_tolerance
 or top-1 disagrees on any image.
@@ -17,7 +18,7 @@ import torch
 from pipeline.atomic import write_json
 from pipeline.config import ExportConfig
 from pipeline.data.loader import iter_split, make_transform
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import load_manifest, manifest_location
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_parity, export_onnx
 from pipeline.model.weights import model_from_pair
 from pipeline.track import NullTracker, Tracker
@@ -45,7 +46,8 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
     weights = Path(weights)
-    load_manifest(manifest)
+    manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
+    load_manifest(manifest)  # a missing or malformed manifest fails here, naming it
     cfg = dataclasses.asdict(export)
     fp = record.fingerprint("export", cfg, [weights, weights.with_suffix(".json"), manifest])
     if not force and (done := record.completed(out_dir, fp)):

@@ -1,6 +1,7 @@
 """Stage 3, finetune: a weights pair at a higher resolution, resampled position embeddings, new head.
 
-Reads: a model.safetensors/model.json pair (ours or imported), manifest.json, the finetune config.
+Reads: a model.safetensors/model.json pair (ours or imported), manifest.json (a local file or an
+s3:// or http(s):// URL), the finetune config.
 Writes: the same pair at the new resolution and classes under <out>, plus checkpoints/, result.json.
 Also reports the pre-trained model's val accuracy at the new resolution before any fine-tuning.
 """
@@ -11,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import TrainConfig, train_fingerprint_fields, validate_train
-from pipeline.data.manifest import load_manifest, verify_manifest
+from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.model.weights import model_config_from_meta, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
@@ -24,6 +25,7 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     """Fine-tune the weights pair `init_from` at train.image_size; return the result with `weights`."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
+    manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
     m = load_manifest(manifest)
     # Fail fast, before any process starts: a bad manifest, a file that is not a weights pair, a
     # checkpoint whose tensors do not fit its architecture, a resolution its patch size cannot take.
@@ -44,7 +46,7 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     record.mark_checkpoints(out_dir, fp)
     init = str(weights_file.resolve())
     job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
-                   manifest=str(Path(manifest).resolve()), out_dir=str(out_dir.resolve()), init_from=init,
+                   manifest=manifest, out_dir=str(out_dir.resolve()), init_from=init,
                    extra_meta={"init_from": init, "init_image_size": meta["source_image_size"]})
     params = {**cfg, "init_from": init, "init_image_size": meta["source_image_size"]}
     result = run_training_stage(job, train.ranks, tracker, params)

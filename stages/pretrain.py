@@ -1,6 +1,7 @@
 """Stage 2, pretrain: stream the train shards into a DeepSpeed ZeRO engine on N local ranks.
 
-Reads: manifest.json (+ its shards), the model and pretrain configs.
+Reads: manifest.json (+ its shards; a local file or an s3:// or http(s):// URL), the model and
+pretrain configs.
 Writes: <out>/checkpoints/ (resumable DeepSpeed state), <out>/model.safetensors (consolidated fp32),
 <out>/model.json (architecture, resolution, normalization, classes), result.json, train.log.
 """
@@ -11,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import ModelConfig, TrainConfig, train_fingerprint_fields
-from pipeline.data.manifest import load_manifest, verify_manifest
+from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
 from pipeline.train.stage_runner import run_training_stage
@@ -20,7 +21,7 @@ from stages import record
 
 def build_job(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: str | Path) -> TrainJob:
     """The job every rank runs, the same whether launched here or per node (pipeline.launch.entry)."""
-    manifest = str(Path(manifest).resolve())
+    manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
     return TrainJob(stage="pretrain", model=dataclasses.asdict(model), train=dataclasses.asdict(train),
                     manifest=manifest, out_dir=str(Path(out_dir).resolve()), extra_meta={"manifest": manifest})
 
@@ -30,7 +31,8 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     """Pre-train from scratch (or resume this folder's checkpoints); return the result with `weights`."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    # Fail fast, naming the file, before any process starts.
+    manifest = manifest_location(manifest)
+    # Fail fast, naming the file, before any process starts (for a URL manifest: a HEAD per shard).
     verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full")
     cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
     fp = record.fingerprint("pretrain", {**cfg, "train": train_fingerprint_fields(train)}, [manifest])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
+from pipeline.data.manifest import is_url, read_url
 
 RECORD = "stage.json"
 # What an interrupted training stage keeps for its resume: the checkpoints and the logs they continue.
@@ -24,7 +25,15 @@ class StageError(RuntimeError):
 
 
 def file_identity(path: str | Path) -> dict:
-    """Cheap identity of an input file: its path, size and, for small files, sha256."""
+    """Cheap identity of an input file: its path, size and, for small files, sha256.
+
+    An s3:// or http(s):// URL (a manifest in object storage) is identified by its URL and the
+    sha256 of its bytes, fetched once; a manifest records every shard's sha256, so this identifies
+    the whole dataset.
+    """
+    if is_url(path):
+        data = read_url(str(path), what="input")
+        return {"url": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     p = Path(path)
     if not p.exists():
         raise StageError(f"{p}: input file not found")

@@ -3,6 +3,11 @@
 ``manifest.json`` sits next to a ``shards/`` folder and lists, per split, each shard's file name
 (relative to the manifest's folder), sample count, size and sha256. It is written last and
 atomically, so a manifest that exists describes shards that were completely written.
+
+A manifest is read from a local file or folder, or from a URL: ``s3://bucket/prefix`` or
+``http(s)://host/path`` (a URL ending in ``.json`` is the manifest itself; otherwise
+``/manifest.json`` is appended). Shard names resolve against the manifest's folder either way:
+`Manifest.shard_location` gives the path or URL to read a shard from.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,7 +27,10 @@ from pipeline.config import DataConfig
 MANIFEST_FORMAT = "vitpipe.shards/1"
 MANIFEST_NAME = "manifest.json"
 IMAGE_SUFFIXES = ("png", "jpg")
+URL_SCHEMES = ("s3://", "http://", "https://")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# what Path() makes of a URL: it collapses "//", so "s3://b/k" becomes "s3:/b/k"
+_COLLAPSED_URL = re.compile(r"^(s3|https?):/[^/]")
 
 
 class DataError(ValueError):
@@ -30,10 +39,12 @@ class DataError(ValueError):
 
 @dataclass
 class Manifest:
-    """A loaded, schema-checked manifest; shard names resolve against `root`."""
+    """A loaded, schema-checked manifest; shard names resolve against its `folder` (a path or URL)."""
 
-    path: Path
-    root: Path
+    path: Path | str
+    """The manifest file: a local Path, or its s3:// or http(s):// URL."""
+    folder: str
+    """The manifest's folder, a local path or URL without a trailing slash; shard names resolve against it."""
     source: str
     class_names: list[str]
     image_size: list[int] | None
@@ -54,8 +65,33 @@ class Manifest:
             raise DataError(f"{self.path}: no split {split!r}; the manifest has {sorted(self.splits)}")
         return self.splits[split]
 
+    @property
+    def is_remote(self) -> bool:
+        """True when the manifest (and so, by default, its shards) is at an s3:// or http(s):// URL."""
+        return is_url(self.folder)
+
+    @property
+    def root(self) -> Path:
+        """The local folder holding the manifest; a DataError for a manifest at a URL (use `shard_location`)."""
+        if self.is_remote:
+            raise DataError(f"{self.path}: the manifest is at a URL, not in a local folder; "
+                            "read its shards through shard_location()/shard_locations()")
+        return Path(self.folder)
+
+    def shard_location(self, name: str) -> str:
+        """Where the shard called `name` (a record's "name") is read from: a local path or a URL."""
+        if not self.is_remote:
+            return str(Path(self.folder) / name)
+        if self.folder.startswith("s3://"):
+            return f"{self.folder}/{name}"  # object keys are used as they are
+        return f"{self.folder}/{urllib.parse.quote(name, safe='/')}"
+
+    def shard_locations(self, split: str) -> list[str]:
+        """Paths or URLs of the shards of `split`, in manifest order (for `stream.open_url`)."""
+        return [self.shard_location(s["name"]) for s in self.shards(split)]
+
     def shard_paths(self, split: str) -> list[Path]:
-        """Absolute paths of the shards of `split`, in manifest order."""
+        """Local paths of the shards of `split`, in manifest order; a DataError for a manifest at a URL."""
         return [self.root / s["name"] for s in self.shards(split)]
 
     def num_samples(self, split: str) -> int:
@@ -84,21 +120,81 @@ def write_manifest(out_dir: str | Path, info: dict) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
+def is_url(location: str | Path) -> bool:
+    """True for an s3://, http:// or https:// URL (a Path never is: it collapses the "//")."""
+    return isinstance(location, str) and location.startswith(URL_SCHEMES)
+
+
+def manifest_url(url: str) -> str:
+    """The manifest's URL: `url` itself when it ends in .json, else `url`/manifest.json."""
+    return url if url.endswith(".json") else f"{url.rstrip('/')}/{MANIFEST_NAME}"
+
+
+def manifest_location(manifest: str | Path) -> str:
+    """The manifest file a stage reads, as a string: its URL, or the absolute local path.
+
+    Accepts what `load_manifest` accepts (a file, a folder, a URL with or without manifest.json).
+    Stages record this string in their job and fingerprint, so ranks read the same manifest.
+    """
+    if is_url(manifest):
+        return manifest_url(manifest)
+    _refuse_collapsed_url(manifest)
+    path = Path(manifest).resolve()
+    return str(path / MANIFEST_NAME if path.is_dir() else path)
+
+
+def _refuse_collapsed_url(path: str | Path) -> None:
+    """A DataError for a URL that went through Path() ("s3:/bucket/...") instead of a baffling not-found."""
+    if _COLLAPSED_URL.match(str(path)):
+        raise DataError(f"{path}: looks like a URL whose '//' was lost (it was made into a file path); "
+                        "pass the URL as a string, e.g. s3://bucket/prefix")
+
+
+def read_url(url: str, what: str = "manifest") -> bytes:
+    """The bytes at an s3:// or http(s):// URL; a DataError naming the URL if they cannot be fetched."""
+    from pipeline.data.stream import open_url  # here: stream.py imports this module
+
+    try:
+        stream = open_url(url)
+    except DataError as e:  # "<url>: cannot open (<why>)": keep the why
+        detail = re.sub(r"^cannot open(?: shard)? \((.*)\)$", r"\1", str(e).removeprefix(f"{url}: "), flags=re.S)
+        raise DataError(f"{url}: cannot fetch the {what} ({detail})") from None
+    try:
+        return stream.read()
+    except Exception as e:  # OS, HTTP and botocore errors while the body streams
+        raise DataError(f"{url}: reading the {what} failed ({type(e).__name__}: {e})") from None
+    finally:
+        stream.close()
+
+
 def load_manifest(path: str | Path) -> Manifest:
-    """Read and schema-check a manifest (`path` is the file or the folder holding manifest.json)."""
+    """Read and schema-check a manifest.
+
+    `path` is the manifest file or the local folder holding manifest.json, or a URL:
+    ``s3://bucket/prefix[/manifest.json]`` or ``http(s)://host/path[/manifest.json]``.
+    """
+    if is_url(path):
+        url = manifest_url(path)
+        return _manifest_from_bytes(read_url(url), url, url.rsplit("/", 1)[0])
+    _refuse_collapsed_url(path)
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: manifest not found; run the prepare stage first")
+    return _manifest_from_bytes(path.read_bytes(), path, str(path.parent))
+
+
+def _manifest_from_bytes(data: bytes, where: Path | str, folder: str) -> Manifest:
+    """Parse and schema-check manifest bytes read from `where` (a Path or URL); shards resolve in `folder`."""
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from None
-    _check_schema(info, path)
+        raise DataError(f"{where}: not valid JSON: {e}") from None
+    _check_schema(info, where)
     return Manifest(
-        path=path,
-        root=path.parent,
+        path=where,
+        folder=folder,
         source=info["source"],
         class_names=list(info["class_names"]),
         image_size=list(info["image_size"]) if info["image_size"] is not None else None,
@@ -114,7 +210,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_schema(info: Any, path: Path) -> None:
+def _check_schema(info: Any, path: Path | str) -> None:
     """Raise DataError naming `path` and the field if `info` is not a valid manifest."""
 
     def fail(msg: str) -> None:
@@ -230,7 +326,15 @@ def count_tar_samples(path: str | Path, num_classes: int | None = None) -> int:
 
 
 def verify_manifest(manifest: Manifest, check_hashes: bool = True) -> None:
-    """Check every shard exists and matches its recorded size, sha256 and sample count."""
+    """Check every shard exists and matches its recorded size, sha256 and sample count.
+
+    For a manifest at a URL only existence and size are checked, with one HEAD request per shard
+    (`check_hashes` does not apply): hashing would download the whole dataset before training, and
+    every reader checks each shard's size, sha256 and sample count as it streams anyway.
+    """
+    if manifest.is_remote:
+        _verify_remote_sizes(manifest)
+        return
     for split in manifest.splits:
         for shard, path in zip(manifest.shards(split), manifest.shard_paths(split)):
             if not path.is_file():
@@ -252,6 +356,32 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True) -> None:
                 raise DataError(
                     f"{path}: holds {count} samples but {manifest.path} records {shard['samples']}"
                 )
+
+
+def _verify_remote_sizes(manifest: Manifest, threads: int = 16) -> None:
+    """Every shard of a URL manifest exists and has its recorded size (HEAD requests, in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.storage import MissingObject, url_size
+
+    checks = [(loc, rec) for split in manifest.splits
+              for loc, rec in zip(manifest.shard_locations(split), manifest.shards(split))]
+
+    def check(item: tuple[str, dict]) -> str | None:
+        location, record = item
+        try:
+            size = url_size(location)
+        except MissingObject:
+            return f"{location}: shard listed in {manifest.path} is missing"
+        if size is not None and size != record["bytes"]:
+            return (f"{location}: size is {size} bytes but {manifest.path} records {record['bytes']} "
+                    "(truncated or rewritten shard)")
+        return None
+
+    with ThreadPoolExecutor(max(1, min(threads, len(checks)))) as pool:
+        for problem in pool.map(check, checks):
+            if problem:
+                raise DataError(problem)
 
 
 # --------------------------------------------------------------------------- prepare

@@ -1,9 +1,17 @@
 """`vitpipe shards verify|info <manifest>` and `vitpipe bench data <manifest>`.
 
+<manifest> is a local manifest.json or its folder, or a URL: ``s3://bucket/prefix[/manifest.json]``
+or ``http(s)://host/path[/manifest.json]`` (S3 credentials, region and endpoint from the usual AWS_*
+variables, AWS_ENDPOINT_URL included). Shards are read beside the manifest, through the same
+`stream.open_url` the training stream uses, and streamed: one sample is held in memory at a time.
+(`pretrain.shard_base_url` moves where *training* reads shards from; these commands always check
+the shards beside the manifest.)
+
 verify re-reads every shard and reports *every* problem it finds (missing or resized shard, sha256,
 unreadable or truncated tar, a sample without an image or a .cls label, a label out of range, an
 image that does not decode, a duplicate key, a count that disagrees with the manifest), each named
-by shard and sample key; exit status 1 if there is any. info prints a summary.
+by shard and sample key; exit status 1 if there is any. A shard the server does not have (HTTP 404,
+S3 NoSuchKey) is reported as "shard is missing". info prints a summary.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, load_manifest
+from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, is_url, load_manifest
 
 
 @dataclass
@@ -35,75 +43,148 @@ class ShardScan:
     problems: list[str] = field(default_factory=list)
 
 
-def scan_shard(manifest: Manifest, record: dict, check_hash: bool = True, decode: bool = True) -> ShardScan:
-    """Read one shard of `manifest` and check it against its `record`; problems are collected, not raised."""
+class _CountingReader:
+    """Reads a shard's stream for tarfile while counting, and optionally hashing, every byte."""
+
+    def __init__(self, raw, hash_bytes: bool):
+        self.raw, self.nbytes = raw, 0
+        self.sha = hashlib.sha256() if hash_bytes else None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.nbytes += len(data)
+        if self.sha is not None:
+            self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end: tarfile stops at the end-of-archive blocks, before the record padding."""
+        while self.read(_CHUNK):
+            pass
+
+
+_CHUNK = 1 << 20
+
+
+def _open_shard(location: str):
+    """(stream, None) for a readable shard, or (None, problem) when it is missing or cannot be opened."""
+    from pipeline.data.storage import MissingObject, url_size
+    from pipeline.data.stream import open_url  # imports torch; only the commands here need it
+
+    if not is_url(location) and not Path(location).is_file():
+        return None, "shard is missing"
+    try:
+        return open_url(location), None
+    except DataError as e:
+        if is_url(location):
+            try:
+                url_size(location)  # tells a missing object (404, NoSuchKey) from other failures
+            except MissingObject:
+                return None, "shard is missing"
+            except DataError:
+                pass
+        return None, str(e).removeprefix(f"{location}: ")  # "cannot open (<why>)"
+
+
+def _check_sample(scan: ShardScan, manifest: Manifest, key: str, parts: dict[str, bytes], decode: bool) -> list[str]:
+    """Problems of one sample (image, label, decoding); counts its label and image size into `scan`."""
+    where, problems = scan.name, []
+    image_ext = next((s for s in IMAGE_SUFFIXES if s in parts), None)
+    if image_ext is None:
+        problems.append(f"{where}: sample {key!r}: no image (.png or .jpg); it has {sorted(parts)}")
+    if "cls" not in parts:
+        problems.append(f"{where}: sample {key!r}: no .cls label")
+    else:
+        try:
+            label = int(parts["cls"].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            problems.append(f"{where}: sample {key!r}: .cls is not an integer: {parts['cls'][:20]!r}")
+        else:
+            if not 0 <= label < manifest.num_classes:
+                problems.append(f"{where}: sample {key!r}: label {label} outside 0..{manifest.num_classes - 1}")
+            scan.labels[label] += 1
+    if image_ext is not None:
+        try:
+            with Image.open(io.BytesIO(parts[image_ext])) as im:
+                scan.sizes[im.size] += 1
+                if decode:
+                    im.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            problems.append(f"{where}: sample {key!r}: .{image_ext} does not decode ({e})")
+    return problems
+
+
+def _scan_members(reader: _CountingReader, manifest: Manifest, scan: ShardScan, decode: bool) -> list[str]:
+    """Stream the tar through `reader`, checking each sample as its members end; returns the problems.
+
+    Only one sample's members are held at a time, so a shard of any size streams in little memory.
+    Distinct sample keys go to `scan.keys`, in shard order.
+    """
     from webdataset.tariterators import base_plus_ext  # the loader's grouping rule; imports torch
 
-    name = record["name"]
-    path = manifest.root / name
-    scan = ShardScan(name)
-    where = f"{name}"
-    if not path.is_file():
-        scan.problems.append(f"{where}: shard is missing")
-        return scan
-    data = path.read_bytes()
-    scan.bytes = len(data)
-    if len(data) != record["bytes"]:
-        scan.problems.append(f"{where}: size is {len(data)} bytes but the manifest records {record['bytes']}")
-    if check_hash:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record["sha256"]:
-            scan.problems.append(f"{where}: sha256 is {digest[:16]}... but the manifest records {record['sha256'][:16]}...")
-    members: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
+    where, problems = scan.name, []
+    key, parts = None, {}
+    seen: set[str] = set()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
                 if not member.isreg():
                     continue
-                key, suffix = base_plus_ext(member.name)
-                if key is None:
-                    scan.problems.append(f"{where}: member {member.name!r} has no extension")
+                name_key, suffix = base_plus_ext(member.name)
+                if name_key is None:
+                    problems.append(f"{where}: member {member.name!r} has no extension")
                     continue
                 payload = tar.extractfile(member).read()
                 if len(payload) != member.size:
-                    scan.problems.append(f"{where}: sample {key!r}: member {member.name!r} is truncated")
-                if key not in members:
-                    members[key] = {}
-                    order.append(key)
-                elif order[-1] != key:  # webdataset would start a second sample with this key
-                    scan.problems.append(f"{where}: sample {key!r}: members are not contiguous (duplicate key)")
-                members[key][suffix.lower()] = payload
+                    problems.append(f"{where}: sample {name_key!r}: member {member.name!r} is truncated")
+                if name_key != key:
+                    if key is not None:
+                        problems += _check_sample(scan, manifest, key, parts, decode)
+                    if name_key in seen:  # webdataset would start a second sample with this key
+                        problems.append(f"{where}: sample {name_key!r}: members are not contiguous (duplicate key)")
+                    else:
+                        seen.add(name_key)
+                        scan.keys.append(name_key)
+                    key, parts = name_key, {}
+                parts[suffix.lower()] = payload
     except (tarfile.TarError, OSError) as e:
-        scan.problems.append(f"{where}: not a readable tar after {len(order)} sample(s) ({e})")
-    for key in order:
-        parts = members[key]
-        image_ext = next((s for s in IMAGE_SUFFIXES if s in parts), None)
-        if image_ext is None:
-            scan.problems.append(f"{where}: sample {key!r}: no image (.png or .jpg); it has {sorted(parts)}")
-        if "cls" not in parts:
-            scan.problems.append(f"{where}: sample {key!r}: no .cls label")
-        else:
-            try:
-                label = int(parts["cls"].decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                scan.problems.append(f"{where}: sample {key!r}: .cls is not an integer: {parts['cls'][:20]!r}")
-            else:
-                if not 0 <= label < manifest.num_classes:
-                    scan.problems.append(f"{where}: sample {key!r}: label {label} outside 0..{manifest.num_classes - 1}")
-                scan.labels[label] += 1
-        if image_ext is not None:
-            try:
-                with Image.open(io.BytesIO(parts[image_ext])) as im:
-                    scan.sizes[im.size] += 1
-                    if decode:
-                        im.load()
-            except (OSError, SyntaxError, ValueError) as e:
-                scan.problems.append(f"{where}: sample {key!r}: .{image_ext} does not decode ({e})")
-    scan.samples = len(order)
-    scan.keys = order
+        problems.append(f"{where}: not a readable tar after {len(scan.keys)} sample(s) ({e})")
+    except Exception as e:  # a remote stream that breaks off (botocore/urllib3 errors are not OSErrors)
+        problems.append(f"{where}: reading failed after {len(scan.keys)} sample(s) ({type(e).__name__}: {e})")
+    if key is not None:
+        problems += _check_sample(scan, manifest, key, parts, decode)
+    return problems
+
+
+def scan_shard(manifest: Manifest, record: dict, check_hash: bool = True, decode: bool = True) -> ShardScan:
+    """Stream one shard of `manifest` (a local file or a URL) and check it against its `record`.
+
+    Problems are collected, not raised: a missing shard, its size and sha256, then every sample's.
+    """
+    name = record["name"]
+    scan = ShardScan(name)
+    stream, problem = _open_shard(manifest.shard_location(name))
+    if stream is None:
+        scan.problems.append(f"{name}: {problem}")
+        return scan
+    reader = _CountingReader(stream, hash_bytes=check_hash)
+    try:
+        sample_problems = _scan_members(reader, manifest, scan, decode)
+        try:
+            reader.drain()  # the rest of the file counts toward its size and sha256
+        except Exception as e:
+            sample_problems.append(f"{name}: reading failed after {reader.nbytes} bytes ({type(e).__name__}: {e})")
+    finally:
+        stream.close()
+    scan.bytes = reader.nbytes
+    if reader.nbytes != record["bytes"]:
+        scan.problems.append(f"{name}: size is {reader.nbytes} bytes but the manifest records {record['bytes']}")
+    if reader.sha is not None and (digest := reader.sha.hexdigest()) != record["sha256"]:
+        scan.problems.append(f"{name}: sha256 is {digest[:16]}... but the manifest records {record['sha256'][:16]}...")
+    scan.problems += sample_problems
+    scan.samples = len(scan.keys)
     if scan.samples != record["samples"]:
-        scan.problems.append(f"{where}: holds {scan.samples} samples but the manifest records {record['samples']}")
+        scan.problems.append(f"{name}: holds {scan.samples} samples but the manifest records {record['samples']}")
     return scan
 
 
@@ -173,6 +254,10 @@ def run_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+# a string, not a Path: Path() would turn s3://bucket into s3:/bucket
+MANIFEST_HELP = "manifest.json or the folder holding it, or an s3://... or http(s)://... URL of either"
+
+
 def add_shards_parser(subparsers) -> None:
     """Add `shards verify <manifest>` and `shards info <manifest>` to the CLI's subparsers."""
     p = subparsers.add_parser("shards", help="check or summarize prepared shards",
@@ -182,11 +267,11 @@ def add_shards_parser(subparsers) -> None:
                        description="Re-read every shard of <manifest>; check its size and sha256, that each sample "
                        "has one image and an integer .cls in range, that every image decodes, and the sample "
                        "counts. Prints every problem with shard and key; exit status 1 if there is any.")
-    v.add_argument("manifest", type=Path, help="manifest.json or the folder holding it")
+    v.add_argument("manifest", help=MANIFEST_HELP)
     i = sub.add_parser("info", help="summary: splits, shards, samples, bytes, classes, image sizes",
                        description="Summarize <manifest>: per split samples, shards and bytes; image sizes; "
                        "per-class counts (read from the shards' .cls members).")
-    i.add_argument("manifest", type=Path, help="manifest.json or the folder holding it")
+    i.add_argument("manifest", help=MANIFEST_HELP)
     i.add_argument("--json", action="store_true", help="print per-shard counts as JSON instead")
 
 

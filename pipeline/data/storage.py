@@ -4,30 +4,92 @@ S3 goes through boto3 (the optional ``s3`` extra). Credentials, region and endpo
 usual AWS environment variables and files; ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``)
 points at an S3-compatible server such as MinIO or moto. A target holds only strings, so it can
 be handed to worker processes, each of which opens its own client.
+
+`url_size` asks an s3:// or http(s):// URL for an object's size without downloading it (S3
+HeadObject, HTTP HEAD): the cheap existence check of datasets read from object storage.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.manifest import DataError
 
 _CLIENTS: dict[int, object] = {}  # one boto3 client per process (clients are not fork/pickle safe)
+_CLIENT_LOCK = threading.Lock()  # creating a client is not thread-safe; using one is
 
 
 def s3_client():
     """A boto3 S3 client configured from the AWS_* environment (AWS_ENDPOINT_URL honoured)."""
     pid = os.getpid()
-    if pid not in _CLIENTS:
-        try:
-            import boto3
-        except ImportError:
-            raise DataError("s3:// output needs boto3: pip install 'vitpipe[s3]'") from None
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        _CLIENTS[pid] = boto3.client("s3", endpoint_url=endpoint)
-    return _CLIENTS[pid]
+    with _CLIENT_LOCK:
+        if pid not in _CLIENTS:
+            try:
+                import boto3
+            except ImportError:
+                raise DataError("s3:// needs boto3: pip install 'vitpipe[s3]'") from None
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+            _CLIENTS[pid] = boto3.client("s3", endpoint_url=endpoint)
+        return _CLIENTS[pid]
+
+
+# --------------------------------------------------------------------------- object sizes at URLs
+
+
+class MissingObject(DataError):
+    """The URL names no object (HTTP 404/410, S3 NoSuchKey)."""
+
+
+_MISSING_S3_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_MISSING_HTTP_CODES = {404, 410}
+
+
+def url_size(url: str, timeout: float = 60) -> int | None:
+    """Size in bytes of the object at an s3:// or http(s):// URL, or None if the server does not say.
+
+    Raises MissingObject when there is no such object, and DataError naming the URL for any other
+    failure (no permission, unreachable server).
+    """
+    if url.startswith("s3://"):
+        return _s3_size(url)
+    if url.startswith(("http://", "https://")):
+        return _http_size(url, timeout)
+    raise DataError(f"{url}: not an s3:// or http(s):// URL")
+
+
+def _s3_size(url: str) -> int:
+    """ContentLength of a HeadObject on `url`."""
+    bucket, _, key = url[len("s3://"):].partition("/")
+    try:
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except DataError:
+        raise
+    except Exception as e:  # botocore's ClientError and connection errors
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+        if code in _MISSING_S3_CODES:
+            raise MissingObject(f"{url}: no such object") from None
+        raise DataError(f"{url}: cannot check the object ({type(e).__name__}: {e})") from None
+
+
+def _http_size(url: str, timeout: float) -> int | None:
+    """Content-Length of a HEAD on `url`; None when the server gives none or does not answer HEAD."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as e:
+        if e.code in _MISSING_HTTP_CODES:
+            raise MissingObject(f"{url}: HTTP {e.code} {e.reason}") from None
+        if e.code in (405, 501):  # HEAD not supported: the GET that reads the shard will tell
+            return None
+        raise DataError(f"{url}: HEAD failed (HTTP {e.code} {e.reason})") from None
+    except OSError as e:  # URLError, timeouts, refused connections
+        raise DataError(f"{url}: cannot reach ({e})") from None
+    return int(length) if length and length.isdigit() else None
 
 
 @dataclass(frozen=True)
