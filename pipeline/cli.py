@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
             + (" Reads the weights pair --init (default <workdir>/pretrain/model.safetensors), resamples its "
                "position embeddings to finetune.image_size and replaces the head." if name == "finetune" else "")))
         _add_common(p)
-        p.add_argument("--manifest", type=Path, help="manifest.json (default <workdir>/prepare/manifest.json)")
+        p.add_argument("--manifest", help="manifest.json, its folder, or an s3:// or http(s):// URL of either "
+                       "(default <workdir>/prepare/manifest.json)")
         if name == "finetune":
             p.add_argument("--init", type=Path, help="weights pair to start from")
         p.add_argument("--out", type=Path, help=f"output folder (default <workdir>/{name})")
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "fails if onnxruntime and PyTorch disagree on held-out images from --manifest.")
     _add_common(p)
     p.add_argument("--weights", type=Path, help="model.safetensors (default <workdir>/finetune/model.safetensors)")
-    p.add_argument("--manifest", type=Path, help="manifest.json with a val split (default <workdir>/prepare/manifest.json)")
+    p.add_argument("--manifest", help="manifest.json with a val split, its folder, or an s3:// or http(s):// URL "
+                   "(default <workdir>/prepare/manifest.json)")
     p.add_argument("--out", type=Path, help="output folder (default <workdir>/export)")
 
     p = sub.add_parser("benchmark", help="onnxruntime latency/throughput vs PyTorch eager",
@@ -91,15 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.launch.submit_cli import add_submit_parsers
 
     add_submit_parsers(sub)
+    from pipeline.data.bench_prepare import add_bench_prepare_parser
     from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
-
     from pipeline.train.bench import add_bench_train_parser
 
     add_shards_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: data loading, training step",
+    bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step",
                            description="Benchmarks that print ratios against baselines measured in the same run.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
     add_bench_data_parser(bench_sub)
+    add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
     return parser
 
@@ -123,6 +126,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.train.bench import run_bench_train
 
         return run_bench_train(args)
+    if args.command == "bench" and args.bench_command == "prepare":
+        from pipeline.data.bench_prepare import run_bench_prepare
+
+        return run_bench_prepare(args)
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
         from pipeline.data.shards_cli import run_bench_data, run_shards
 

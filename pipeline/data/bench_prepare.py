@@ -1,0 +1,119 @@
+"""`vitpipe bench prepare`: how prepare's throughput grows with worker processes, in one run.
+
+The same synthetic dataset (seeded images of one size, rendered inside the workers, so reading the
+source costs nothing) is prepared with each worker count, `repeats` rounds interleaved, best round
+kept. Reported per count: images/s end to end (pool start-up, encode pass, shard-writing pass,
+manifest) and the speed-up over 1 worker, with the ideal (the count itself, up to the cores this
+process may use). Every run's manifest must list the same shard hashes: more workers may only make
+prepare faster, never change its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.data.manifest import DataError, load_manifest, prepare_dataset
+from pipeline.data.shards import default_workers
+
+
+def _prepare_once(cfg: DataConfig, workers: int) -> tuple[float, list[str]]:
+    """Seconds to prepare `cfg` with `workers`, and the shard hashes it wrote."""
+    with tempfile.TemporaryDirectory(prefix="vitpipe-bench-prepare-") as out:
+        start = time.perf_counter()
+        path = prepare_dataset(DataConfig(**{**cfg.__dict__, "workers": workers}), out)
+        seconds = time.perf_counter() - start
+        manifest = load_manifest(path)
+        hashes = [s["sha256"] for split in sorted(manifest.splits) for s in manifest.shards(split)]
+    return seconds, hashes
+
+
+def bench_prepare(count: int, size: tuple[int, int], image_format: str, workers: list[int],
+                  shard_max_samples: int = 250, repeats: int = 2) -> dict:
+    """Prepare the same synthetic dataset with each worker count; the JSON-ready result."""
+    if count < 1 or min(size) < 1:
+        raise DataError(f"--count {count} / --size {size}: need at least one image of at least 1x1 pixels")
+    if not workers or min(workers) < 1:
+        raise DataError(f"--workers {workers}: need one or more counts >= 1")
+    cfg = DataConfig(source="synthetic", synthetic_count=count, synthetic_size=list(size), image_format=image_format,
+                     shard_max_samples=shard_max_samples)
+    rounds: dict[int, list[float]] = {w: [] for w in workers}
+    reference: list[str] | None = None
+    for _ in range(max(1, repeats)):
+        for w in workers:
+            seconds, hashes = _prepare_once(cfg, w)
+            if reference is None:
+                reference = hashes
+            elif hashes != reference:
+                raise DataError(f"prepare with {w} worker(s) wrote different shards than with {workers[0]}: "
+                                "the output must not depend on the worker count")
+            rounds[w].append(seconds)
+    cores = default_workers()
+    base = min(rounds[min(workers)])
+    runs = []
+    for w in workers:
+        best = min(rounds[w])
+        runs.append({
+            "workers": w, "seconds": round(best, 3), "images_per_s": round(count / best, 1),
+            "rounds_seconds": [round(s, 3) for s in rounds[w]],
+            "speedup_vs_min_workers": round(base / best, 3),
+            "ideal_speedup": min(w, cores) / min(min(workers), cores),
+        })
+    return {
+        "benchmark": "vitpipe bench prepare",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cores": cores,
+        "settings": {"count": count, "size": list(size), "image_format": image_format, "workers": workers,
+                     "shard_max_samples": shard_max_samples, "repeats": repeats},
+        "byte_identical_across_workers": True,
+        "runs": runs,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The result as a plain-text table."""
+    s = result["settings"]
+    lines = [f"vitpipe bench prepare: {s['count']} synthetic {s['size'][0]}x{s['size'][1]} {s['image_format']} images, "
+             f"best of {s['repeats']} round(s), {result['cores']} core(s)",
+             f"{'workers':>7}  {'seconds':>8}  {'images/s':>9}  speed-up (ideal)"]
+    for r in result["runs"]:
+        lines.append(f"{r['workers']:>7}  {r['seconds']:>8.2f}  {r['images_per_s']:>9,.0f}  "
+                     f"{r['speedup_vs_min_workers']:.2f} x ({r['ideal_speedup']:.0f} x)")
+    lines.append("shards byte-identical for every worker count: yes")
+    return "\n".join(lines)
+
+
+def add_bench_prepare_parser(bench_sub) -> None:
+    """Register `vitpipe bench prepare`."""
+    p = bench_sub.add_parser("prepare", help="prepare throughput vs worker processes (synthetic images)",
+                             description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=2000, help="images (default 2000)")
+    p.add_argument("--size", default="224,224", help="height,width of every image (default 224,224)")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg", help="stored format")
+    p.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1 and all cores)")
+    p.add_argument("--shard-max-samples", type=int, default=250, help="samples per shard (default 250)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept (default 2)")
+    p.add_argument("--out", type=Path, default=Path("bench_prepare.json"), help="JSON result")
+
+
+def run_bench_prepare(args: argparse.Namespace) -> int:
+    """`vitpipe bench prepare`: run, print the table, write the JSON."""
+    try:
+        size = tuple(int(v) for v in str(args.size).split(","))
+        workers = ([int(w) for w in str(args.workers).split(",") if w.strip()] if args.workers
+                   else sorted({1, default_workers()}))
+    except ValueError:
+        raise DataError(f"--size {args.size!r} / --workers {args.workers!r}: expected comma-separated integers") from None
+    if len(size) != 2:
+        raise DataError(f"--size {args.size!r}: expected height,width")
+    result = bench_prepare(args.count, size, args.image_format, workers, args.shard_max_samples, args.repeats)
+    print(format_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
