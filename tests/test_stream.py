@@ -4,6 +4,7 @@ exact mid-epoch resume, and every corruption behaviour — on real shards read t
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import tarfile
@@ -256,3 +257,33 @@ def test_tar_reader_rejects_a_damaged_header_and_reads_short_reads(tmp_path):
             damaged[header_at + offset] ^= 0x04
             with pytest.raises(DataError, match="t.tar: damaged tar header"):
                 list(tar_members(io.BytesIO(bytes(damaged)), "t.tar"))
+
+
+class _NoShapeTransform:
+    """The same pixels, but no output_shape: the stream falls back to pickling batches through the queue."""
+
+    def pixels(self, image, rng):
+        return TRANSFORM.pixels(image, rng)
+
+
+def test_workers_fill_shared_slots_and_zero_copy_batches_match(digits):
+    """With loader workers, batches come through shared-memory slots: copied out by default (safe to
+    keep), or zero-copy (valid until the next draw, as training uses them); both give exactly the
+    pixels, labels and keys of batches pickled through the workers' queues, over two epochs (slots
+    are reused many times over)."""
+    def run(transform, zero_copy):
+        stream = train_stream(digits, transform=transform, micro_batch=16, rank=0, world_size=1, workers=2,
+                              shuffle_buffer=50, seed=3, zero_copy=zero_copy)
+        out = []
+        for b in itertools.islice(stream, 2 * stream.steps_per_epoch):
+            out.append((b["keys"], b["labels"].clone(), b["images"].clone()))  # clone: zero-copy is reused
+        return stream, out
+
+    stream, reference = run(_NoShapeTransform(), False)
+    assert stream._batch_slots is None
+    stream, copied = run(TRANSFORM, False)
+    assert stream._batch_slots is not None  # the workers really went through the slots
+    _, zero = run(TRANSFORM, True)
+    for (k0, l0, i0), (k1, l1, i1), (k2, l2, i2) in zip(reference, copied, zero, strict=True):
+        assert k0 == k1 == k2 and torch.equal(l0, l1) and torch.equal(l0, l2)
+        assert torch.equal(i0, i1) and torch.equal(i0, i2)

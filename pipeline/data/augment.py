@@ -105,7 +105,12 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
         """Normalized float32 (C, H, W)."""
-        return self._finish.normalize(torch.from_numpy(self.pixels(image, rng)))
+        return self._finish.normalize(torch.from_numpy(np.array(self.pixels(image, rng))))  # a writable copy
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of `pixels`."""
+        return self._finish.output_shape
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., C, H, W) from `pixels`, on any device -> normalized float32."""

@@ -187,7 +187,8 @@ def _folder_samples(root: Path, files: list[tuple[str, int]]) -> Iterator[tuple[
 def _loader_rate(manifest: Manifest, settings: BenchSettings, transform: Callable, workers: int,
                  base_url: str | None = None) -> dict:
     stream = train_stream(manifest, transform=transform, micro_batch=settings.batch, rank=0, world_size=1,
-                          workers=workers, shuffle_buffer=256, seed=0, sampling="auto", base_url=base_url)
+                          workers=workers, shuffle_buffer=256, seed=0, sampling="auto", base_url=base_url,
+                          zero_copy=True)  # as training reads it
     batches = iter(stream)
     t0 = time.perf_counter()
     next(batches)  # worker start-up and the first shard open are not steady-state throughput

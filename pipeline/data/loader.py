@@ -50,17 +50,21 @@ class ImageTransform:
         if (self.std <= 0).any():
             raise ValueError(f"std: every value must be > 0, got {list(std)}")
 
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of `pixels`."""
+        return (1 if self.mode == "L" else 3, self.image_size, self.image_size)
+
     def pixels(self, image: Image.Image) -> np.ndarray:
-        """uint8 (C, H, W): converted to L/RGB and resized, not yet normalized."""
+        """uint8 (C, H, W), converted to L/RGB and resized, not yet normalized: a (strided) view on a
+        copy of the image's pixels; whoever stacks it into a batch makes the one contiguous copy."""
         if image.mode != self.mode:
             image = image.convert(self.mode)
         size = (self.image_size, self.image_size)
         if image.size != size:
             image = image.resize(size, Image.Resampling.BICUBIC)
         pixels = np.asarray(image)  # (H, W) or (H, W, C) uint8
-        if pixels.ndim == 2:
-            return pixels[None].copy()
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., C, H, W) on any device -> float32, scaled to [0, 1] and normalized."""
@@ -68,7 +72,7 @@ class ImageTransform:
         return (pixels.float() / 255.0 - mean) / std
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.normalize(torch.from_numpy(self.pixels(image)))
+        return self.normalize(torch.from_numpy(np.array(self.pixels(image))))  # a writable copy
 
 
 def make_transform(image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:

@@ -379,7 +379,7 @@ class Trainer:
         stream = train_stream(self.manifest, transform=transform, micro_batch=t.micro_batch, rank=self.rank,
                               world_size=self.world, workers=t.workers, shuffle_buffer=t.shuffle_buffer, seed=t.seed,
                               sampling=t.sampling, max_corrupt_fraction=t.max_corrupt_fraction,
-                              base_url=t.shard_base_url, state=stream_state)
+                              base_url=t.shard_base_url, state=stream_state, zero_copy=True)
         batches = iter(stream)
         self.normalize = transform.normalize  # batches arrive as uint8 pixels
 
