@@ -374,3 +374,21 @@ def test_bench_data_end_to_end(small_dataset, tmp_path, capsys):
     for key in ("loader_w1_per_worker_vs_ceiling", "http_shards_vs_per_image", "raw_shards_vs_raw_folder"):
         assert result["ratios"][key] > 0
     assert result["machine"]["cores"] >= 1
+
+
+def test_bench_prepare_end_to_end(tmp_path, capsys):
+    """`vitpipe bench prepare` prepares the same images with each worker count, checks the shards are
+    byte-identical, and reports rates, speed-ups and the pool's start-up."""
+    out = tmp_path / "bench_prepare.json"
+    code = main(["bench", "prepare", "--count", "120", "--size", "24,32", "--format", "png", "--workers", "1,2",
+                 "--shard-max-samples", "20", "--repeats", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "byte-identical for every worker count: yes" in text
+    result = json.loads(out.read_text())
+    one, two = result["runs"]
+    assert (one["workers"], two["workers"]) == (1, 2) and one["speedup_vs_min_workers"] == 1.0
+    assert one["pool_startup_s"] == 0 and two["pool_startup_s"] > 0
+    assert all(r["images_per_s"] > 0 and r["speedup_vs_min_workers"] > 0 for r in (one, two))
+    assert main(["bench", "prepare", "--size", "24", "--out", str(out)]) != 0
+    assert "--size '24': expected height,width" in capsys.readouterr().err
