@@ -148,11 +148,11 @@ def dispatch(args: argparse.Namespace) -> int:
     from pipeline.train.stage_runner import TrainingPreempted
     from stages import benchmark, export, finetune, prepare, pretrain
 
-    from stages.recipe import stage_dirs
+    from stages.recipe import dataset_manifest, stage_dirs
 
     dirs = stage_dirs(workdir)
     out = args.out or dirs[args.command]
-    manifest = getattr(args, "manifest", None) or dirs["prepare"] / "manifest.json"
+    manifest = getattr(args, "manifest", None) or dataset_manifest(cfg, workdir)
     weights = getattr(args, "weights", None) or dirs["finetune"] / "model.safetensors"
     tracker = _tracker(cfg, args.command)
     status = "FAILED"

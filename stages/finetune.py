@@ -29,7 +29,7 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     m = load_manifest(manifest)
     # Fail fast, before any process starts: a bad manifest, a file that is not a weights pair, a
     # checkpoint whose tensors do not fit its architecture, a resolution its patch size cannot take.
-    verify_manifest(m, check_hashes=train.verify_shards == "full")
+    verify_manifest(m, check_hashes=train.verify_shards == "full", train_base_url=train.shard_base_url)
     model, meta = model_from_pair(init_from, image_size=train.image_size, num_classes=m.num_classes,
                                   class_names=m.class_names)
     del model

@@ -33,7 +33,8 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     out_dir = Path(out_dir)
     manifest = manifest_location(manifest)
     # Fail fast, naming the file, before any process starts (for a URL manifest: a HEAD per shard).
-    verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full")
+    verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full",
+                    train_base_url=train.shard_base_url)
     cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
     fp = record.fingerprint("pretrain", {**cfg, "train": train_fingerprint_fields(train)}, [manifest])
     if not force and (done := record.completed(out_dir, fp)):

@@ -22,10 +22,22 @@ def stage_dirs(workdir: Path) -> dict[str, Path]:
     return {s: workdir / s for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
 
 
+def dataset_manifest(cfg: PipelineConfig, workdir: Path) -> str | Path:
+    """Where the prepare stage of this recipe leaves its manifest: under data.output when set (a
+    folder or s3://bucket/prefix), else in the working directory's prepare/ folder."""
+    if cfg.data.output:
+        from pipeline.data.manifest import MANIFEST_NAME, is_url
+
+        if is_url(cfg.data.output):
+            return f"{cfg.data.output.rstrip('/')}/{MANIFEST_NAME}"
+        return Path(cfg.data.output) / MANIFEST_NAME
+    return stage_dirs(workdir)["prepare"] / "manifest.json"
+
+
 def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, force: bool) -> dict:
     """Run one stage, taking its inputs from the standard places in `workdir`."""
     d = stage_dirs(workdir)
-    manifest = d["prepare"] / "manifest.json"
+    manifest = dataset_manifest(cfg, workdir)
     if name == "prepare":
         return prepare.run(cfg.data, d["prepare"], tracker, force)
     if name == "pretrain":

@@ -242,3 +242,40 @@ def test_eval_batches_over_http_manifest(dataset, http_dataset):
     assert len(remote) == len(local)
     for (xr, yr, mr), (xl, yl, ml) in zip(remote, local):
         assert torch.equal(xr, xl) and torch.equal(yr, yl) and torch.equal(mr, ml)
+
+
+def test_preflight_checks_train_shards_where_training_reads_them(dataset, http_dataset, tmp_path):
+    """pretrain.shard_base_url moves where train shards are read: the pre-flight checks them there
+    (and no longer beside the manifest), and names a missing one by its URL."""
+    url, served = http_dataset
+    local = tmp_path / "manifest-only"
+    local.mkdir()
+    shutil.copy(dataset / "manifest.json", local / "manifest.json")
+    shutil.copytree(dataset / "shards", local / "shards", ignore=shutil.ignore_patterns("train-*"))
+    m = load_manifest(local)
+    with pytest.raises(DataError, match="train-000000.tar"):
+        verify_manifest(m)  # beside the manifest: no train shards
+    verify_manifest(m, train_base_url=url)  # served over HTTP: all there, right sizes
+    verify_manifest(m, train_base_url=str(dataset))  # a local folder works the same way
+    (served / "shards" / "train-000002.tar").unlink()
+    with pytest.raises(DataError, match=r"http://.*/shards/train-000002\.tar: shard .* is missing"):
+        verify_manifest(m, train_base_url=url)
+
+
+def test_a_recipe_that_prepares_to_s3_trains_from_there(tmp_path):
+    """With data.output=s3://..., `vitpipe run`, the stage commands and multi-node jobs all read the
+    manifest from there; a local data.output works the same way."""
+    from pipeline.config import load_config
+    from pipeline.launch.entry import build_job
+    from stages.recipe import dataset_manifest
+
+    recipe = str(ROOT / "configs" / "pipeline" / "tiny.yaml")
+    cfg = load_config(recipe, ["data.output=s3://bucket/datasets/mnist/"])
+    assert dataset_manifest(cfg, tmp_path) == "s3://bucket/datasets/mnist/manifest.json"
+    job = build_job(recipe, ["data.output=s3://bucket/datasets/mnist"], tmp_path)
+    assert job.manifest == "s3://bucket/datasets/mnist/manifest.json"
+    cfg = load_config(recipe, [f"data.output={tmp_path / 'ds'}"])
+    assert dataset_manifest(cfg, tmp_path) == tmp_path / "ds" / "manifest.json"
+    assert dataset_manifest(load_config(recipe, []), tmp_path) == tmp_path / "prepare" / "manifest.json"
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        build_job(recipe, [], tmp_path)

@@ -325,17 +325,24 @@ def count_tar_samples(path: str | Path, num_classes: int | None = None) -> int:
     return len(samples)
 
 
-def verify_manifest(manifest: Manifest, check_hashes: bool = True) -> None:
+def verify_manifest(manifest: Manifest, check_hashes: bool = True, train_base_url: str | None = None) -> None:
     """Check every shard exists and matches its recorded size, sha256 and sample count.
 
     For a manifest at a URL only existence and size are checked, with one HEAD request per shard
     (`check_hashes` does not apply): hashing would download the whole dataset before training, and
-    every reader checks each shard's size, sha256 and sample count as it streams anyway.
+    every reader checks each shard's size, sha256 and sample count as it streams anyway. The same
+    holds for train shards read from `train_base_url` (pretrain.shard_base_url) instead of beside
+    the manifest.
     """
     if manifest.is_remote:
-        _verify_remote_sizes(manifest)
+        _verify_remote_sizes(manifest, [(split, manifest.shard_locations(split)) for split in manifest.splits])
         return
+    if train_base_url:
+        base = train_base_url.rstrip("/")
+        _verify_remote_sizes(manifest, [("train", [f"{base}/{r['name']}" for r in manifest.shards("train")])])
     for split in manifest.splits:
+        if train_base_url and split == "train":
+            continue
         for shard, path in zip(manifest.shards(split), manifest.shard_paths(split)):
             if not path.is_file():
                 raise DataError(f"{path}: shard listed in {manifest.path} is missing")
@@ -358,19 +365,25 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True) -> None:
                 )
 
 
-def _verify_remote_sizes(manifest: Manifest, threads: int = 16) -> None:
-    """Every shard of a URL manifest exists and has its recorded size (HEAD requests, in parallel)."""
+def _verify_remote_sizes(manifest: Manifest, where: list[tuple[str, list[str]]], threads: int = 16) -> None:
+    """Every shard at its location (URL or local path) exists and has its recorded size (HEAD
+    requests or stat, in parallel); `where` pairs each split with its shards' locations."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.storage import MissingObject, url_size
 
-    checks = [(loc, rec) for split in manifest.splits
-              for loc, rec in zip(manifest.shard_locations(split), manifest.shards(split))]
+    checks = [(loc, rec) for split, locations in where for loc, rec in zip(locations, manifest.shards(split))]
 
     def check(item: tuple[str, dict]) -> str | None:
         location, record = item
         try:
-            size = url_size(location)
+            if is_url(location):
+                size = url_size(location)
+            else:
+                path = Path(location[7:] if location.startswith("file://") else location)
+                if not path.is_file():
+                    raise MissingObject(location)
+                size = path.stat().st_size
         except MissingObject:
             return f"{location}: shard listed in {manifest.path} is missing"
         if size is not None and size != record["bytes"]:

@@ -20,18 +20,27 @@ from pathlib import Path
 
 
 def build_job(recipe: str, overrides: list[str], workdir: Path, stage: str = "pretrain",
-              manifest: Path | None = None):
-    """The stage's TrainJob for this recipe, exactly as `stages.pretrain.run` builds it (plus tracking)."""
+              manifest: str | Path | None = None):
+    """The stage's TrainJob for this recipe, exactly as `stages.pretrain.run` builds it (plus tracking).
+
+    `manifest`: a local file or folder every node can read, or an s3:// / http(s):// URL; default:
+    where the recipe's prepare stage leaves it (data.output, else <workdir>/prepare).
+    """
     from pipeline.config import load_config
+    from pipeline.data.manifest import is_url, manifest_location
     from stages import pretrain
+    from stages.recipe import dataset_manifest
 
     if stage != "pretrain":
         raise ValueError(f"--stage {stage}: only pretrain runs as a multi-node job")
     cfg = load_config(recipe, overrides)
-    manifest = Path(manifest or workdir / "prepare" / "manifest.json")
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no manifest; run `vitpipe prepare {recipe} --workdir {workdir}` "
-                                "first (on a filesystem every node can read)")
+    manifest = manifest or dataset_manifest(cfg, workdir)
+    if not is_url(str(manifest)):
+        manifest = Path(manifest)
+        if not (manifest.is_file() or (manifest / "manifest.json").is_file()):
+            raise FileNotFoundError(f"{manifest}: no manifest; run `vitpipe prepare {recipe} --workdir {workdir}` "
+                                    "first (on a filesystem every node can read, or with data.output=s3://...)")
+    manifest = manifest_location(str(manifest))
     job = pretrain.build_job(cfg.model, cfg.pretrain, manifest, workdir / stage)
     job.tracking_uri, job.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
     return job
@@ -53,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--workdir", type=Path, required=True, help="shared run folder")
     parser.add_argument("--stage", default="pretrain", choices=["pretrain"])
-    parser.add_argument("--manifest", type=Path, help="default <workdir>/prepare/manifest.json")
+    parser.add_argument("--manifest", help="manifest.json, its folder or an s3:// / http(s):// URL "
+                        "(default: the recipe's data.output, else <workdir>/prepare/manifest.json)")
     args = parser.parse_args(argv)
 
     # Before deepspeed is imported: without a GPU, DeepSpeed's CPU accelerator (gloo), as in local runs.

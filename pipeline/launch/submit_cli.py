@@ -36,7 +36,8 @@ def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rdzv-backend", choices=["c10d", "static"], default="c10d")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the worker group")
     p.add_argument("--workdir", type=Path, help="shared run folder (default runs/<recipe name>)")
-    p.add_argument("--manifest", type=Path, help="manifest.json (default <workdir>/prepare/manifest.json)")
+    p.add_argument("--manifest", help="manifest.json, its folder or an s3:// / http(s):// URL every node can read "
+                   "(default: the recipe's data.output, else <workdir>/prepare/manifest.json)")
     p.add_argument("--hosts", help="hostfile: comma-separated host names, the first is the master")
     p.add_argument("--name", help="job name (default vitpipe-<recipe name>)")
     p.add_argument("--image", default="vitpipe:cuda", help="k8s: container image built from docker/Dockerfile.cuda")
