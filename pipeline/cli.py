@@ -181,6 +181,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vitpipe` console script; returns the exit status."""
+    from pipeline.memory import tune_malloc
+
+    tune_malloc()  # image buffers: see pipeline/memory.py
     parser = build_parser()
     # Overrides may come before or after options (`run r.yaml --workdir w a.b=1`); argparse stops
     # filling a positional list at the first option, so collect the stragglers here.

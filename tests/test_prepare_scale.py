@@ -392,3 +392,28 @@ def test_bench_prepare_end_to_end(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 and r["speedup_vs_min_workers"] > 0 for r in (one, two))
     assert main(["bench", "prepare", "--size", "24", "--out", str(out)]) != 0
     assert "--size '24': expected height,width" in capsys.readouterr().err
+
+
+def test_malloc_tuning_reaches_child_processes():
+    """The glibc settings that keep freed image buffers (pipeline/memory.py) apply to this process and
+    reach processes started from it through the environment, without overriding a user's value."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.memory import tune_malloc
+
+    env_before = {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+    try:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "1048576"  # a user's own choice
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        assert tune_malloc() is True  # glibc on this machine
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_TRIM_THRESHOLD_'], "
+                                "os.environ['MALLOC_MMAP_THRESHOLD_'])"], capture_output=True, text=True, check=True)
+        assert child.stdout.split() == [str(128 << 20), "1048576"]
+    finally:
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

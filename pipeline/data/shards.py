@@ -39,6 +39,7 @@ from PIL import Image
 from pipeline.data.manifest import IMAGE_SUFFIXES, DataError
 from pipeline.data.sources import GRAY_MODES, Sample
 from pipeline.data.storage import OutputTarget
+from pipeline.memory import tune_malloc
 
 # Fixed tar header fields: with these, identical samples give byte-identical shards. They are the
 # fields webdataset's TarWriter writes (ustar format, fields in sorted order), minus the clock.
@@ -90,10 +91,15 @@ class StoredSample:
     spool: str | None = None  # ... or spool[offset : offset + nbytes]
     offset: int = 0
 
-    def read(self) -> bytes:
-        """The bytes to store, checked against the size measured when encoding."""
+    def read(self, spools: dict | None = None) -> bytes:
+        """The bytes to store, checked against the size measured when encoding; `spools` keeps spool
+        files open across calls (path -> file), which the caller closes."""
         if self.path is not None:
             data = Path(self.path).read_bytes()
+        elif spools is not None:
+            f = spools.get(self.spool) or spools.setdefault(self.spool, open(self.spool, "rb"))
+            f.seek(self.offset)
+            data = f.read(self.nbytes)
         else:
             with open(self.spool, "rb") as f:
                 f.seek(self.offset)
@@ -220,23 +226,38 @@ def plan_shards(stored: Sequence[StoredSample], max_samples: int, max_bytes: int
     return plan
 
 
-def _write_tar(stored: Sequence[StoredSample], path: Path) -> None:
-    with open(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-        for s in stored:
-            # webdataset groups members by key; fields go in sorted order, like its TarWriter
-            for field, data in sorted({s.ext: s.read(), "cls": _label_bytes(s.label)}.items()):
-                info = tarfile.TarInfo(f"{s.key}.{field}")
-                info.size, info.mtime, info.mode = len(data), _TAR_MTIME, _TAR_MODE
-                info.uname = info.gname = _TAR_USER
-                tar.addfile(info, io.BytesIO(data))
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through (a shard is not read back to hash it)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _write_tar(stored: Sequence[StoredSample], path: Path) -> str:
+    """Write the shard to `path`; its sha256."""
+    spools: dict = {}
+    try:
+        with open(path, "wb", buffering=1 << 20) as f:
+            stream = _HashingWriter(f)
+            with tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for s in stored:
+                    # webdataset groups members by key; fields go in sorted order, like its TarWriter
+                    for field, data in sorted({s.ext: s.read(spools), "cls": _label_bytes(s.label)}.items()):
+                        info = tarfile.TarInfo(f"{s.key}.{field}")
+                        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, _TAR_MODE
+                        info.uname = info.gname = _TAR_USER
+                        tar.addfile(info, io.BytesIO(data))
+    finally:
+        for spool in spools.values():
+            spool.close()
+    return stream.sha.hexdigest()
 
 
 def _write_shard(task: tuple[str, list[StoredSample], str, OutputTarget]) -> dict:
@@ -244,12 +265,12 @@ def _write_shard(task: tuple[str, list[StoredSample], str, OutputTarget]) -> dic
     name, stored, staging, target = task
     tmp = Path(staging) / f".{Path(name).name}.tmp-{os.getpid()}"
     try:
-        _write_tar(stored, tmp)
+        sha256 = _write_tar(stored, tmp)
         size = tmp.stat().st_size
         planned = tar_size(sum(s.tar_bytes for s in stored))
         if size != planned:  # the byte limit relies on this arithmetic, so never let it drift
             raise RuntimeError(f"{name}: wrote {size} bytes but planned {planned}; tar size rule is wrong")
-        record = {"name": name, "samples": len(stored), "bytes": size, "sha256": _sha256(tmp)}
+        record = {"name": name, "samples": len(stored), "bytes": size, "sha256": sha256}
         target.put_file(tmp, name)  # a shard under its final name is always complete
     finally:
         tmp.unlink(missing_ok=True)
@@ -309,7 +330,8 @@ def write_dataset_shards(
         ]
         pool_size = min(workers, max(1, len(chunks)))
         executor = (
-            ProcessPoolExecutor(pool_size, mp_context=get_context("spawn")) if pool_size > 1 else None
+            ProcessPoolExecutor(pool_size, mp_context=get_context("spawn"), initializer=tune_malloc)
+            if pool_size > 1 else None
         )
         try:
             encode_tasks = [(i, chunk, options, scratch) for i, (_, _, chunk) in enumerate(chunks)]

@@ -585,9 +585,14 @@ def _as_is(batch):
     return batch
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then stops them."""
+def _init_worker(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then stops them; and
+    keep freed image buffers for reuse (see pipeline/memory.py; inherited on fork, set again here)."""
     import signal
+
+    from pipeline.memory import tune_malloc
+
+    tune_malloc()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -643,7 +648,7 @@ class TrainStream:
             dataset = _EpochDataset(self.settings, st.epoch, dict(st.positions), st.batches_done, slots)
             if self.settings.workers > 0:
                 batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.settings.workers,
-                                          persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+                                          persistent_workers=False, worker_init_fn=_init_worker,
                                           collate_fn=_as_is, prefetch_factor=_PREFETCH))
             else:
                 batches = iter(dataset)

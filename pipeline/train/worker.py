@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True, help="job JSON written by the stage")
     args = parser.parse_args(argv)
 
+    from pipeline.memory import tune_malloc
     from pipeline.train.loop import TrainJob, run_job
+
+    tune_malloc()  # usually inherited from the launcher's environment; a rank started by hand gets it too
 
     job = TrainJob.load(args.job)
     rank = os.environ.get("RANK", "0")
