@@ -417,3 +417,22 @@ def test_malloc_tuning_reaches_child_processes():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_photo_crops_are_real_photo_jpegs_at_imagenet_size(tmp_path):
+    """The benchmark's photo set: seeded crops of scikit-learn's two photos, 240-427 x 200-360 px,
+    a class-folder tree that prepare reads; the same seed writes the same files."""
+    from PIL import Image
+
+    from pipeline.data.photo_crops import write_photo_crops
+
+    a, b = write_photo_crops(tmp_path / "a", 8), write_photo_crops(tmp_path / "b", 8)
+    files = sorted(a.rglob("*.jpg"))
+    assert [f.relative_to(a).parts[0] for f in files].count("photo0") == 4 and len(files) == 8
+    for f in files:
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and 240 <= im.width <= 427 and 200 <= im.height <= 360
+    manifest = load_manifest(prepare_dataset(DataConfig(source="folder", root=str(a), val_fraction=0.25,
+                                                        shard_max_samples=4, workers=1), tmp_path / "ds"))
+    assert manifest.class_names == ["photo0", "photo1"] and manifest.num_samples("train") == 6
