@@ -1,18 +1,19 @@
 """Writing samples into WebDataset tar shards: in parallel, reproducibly and atomically.
 
-`write_dataset_shards` works in two passes over a process pool, and its output is byte-identical
-for any number of workers:
+`write_dataset_shards` runs two overlapping passes over a process pool, and its output is
+byte-identical for any number of workers:
 
 1. encode: fixed chunks of samples, in order, are read (a lazy file is read and fully decoded, as a
    check), resized if asked, and encoded. Bytes that are kept unchanged stay in their source file;
    re-encoded bytes go to a temporary spool file. Each sample comes back as a small
    `StoredSample` record with its exact stored size.
-2. write: with every size known, the shard -> sample plan is made up front by one greedy pass in
-   sample order: a shard closes when it holds `max_samples`, or when the next sample would take
-   its tar file past `max_bytes` (whichever comes first; a lone sample bigger than the limit gets a
-   shard of its own). Tar sizes are exact (512-byte headers, 512-byte padding, 10240-byte records),
-   so the byte limit is a guarantee, checked against the written file. Workers then write the
-   planned shards concurrently and move each to its target (a rename, or an S3 upload) as it completes.
+2. write: the shard -> sample plan is one greedy pass in sample order over the exact sizes: a shard
+   closes when it holds `max_samples`, or when the next sample would take its tar file past
+   `max_bytes` (whichever comes first; a lone sample bigger than the limit gets a shard of its own).
+   Tar sizes are exact (512-byte headers, 512-byte padding, 10240-byte records), so the byte limit is
+   a guarantee, checked against the written file. A shard is planned as soon as its samples are
+   encoded and goes to a worker to be written (then renamed into place, or uploaded to S3) while
+   later chunks are still being encoded.
 
 Why two passes and not an estimate: re-encoded (resized) sizes cannot be known without encoding,
 and an upper bound from the pixel count would leave shards several times smaller than the limit.
@@ -27,11 +28,12 @@ import os
 import re
 import tarfile
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -207,22 +209,49 @@ def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> list[St
 # --------------------------------------------------------------------------- planning and writing
 
 
+class _ShardPlanner:
+    """The shard plan built one sample at a time, in sample order: `add` returns a shard's samples
+    the moment it closes, so it can be written while later samples are still being encoded.
+
+    A shard closes when it holds `max_samples`, or when the next sample would take its tar file past
+    `max_bytes` (a lone sample bigger than the limit gets a shard of its own). Each decision depends
+    only on the samples before it, so the plan is the same whether built at once or incrementally.
+    """
+
+    def __init__(self, max_samples: int, max_bytes: int | None):
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.current: list[StoredSample] = []
+        self.members = 0
+
+    def add(self, sample: StoredSample) -> list[StoredSample] | None:
+        """Take the next sample; the shard it closed, if any (the sample starts the next one)."""
+        count = len(self.current)
+        full = count >= self.max_samples or (
+            count > 0 and self.max_bytes is not None and tar_size(self.members + sample.tar_bytes) > self.max_bytes
+        )
+        closed = None
+        if full:
+            closed, self.current, self.members = self.current, [], 0
+        self.current.append(sample)
+        self.members += sample.tar_bytes
+        return closed
+
+    def finish(self) -> list[StoredSample] | None:
+        """The last, partly filled shard (None if there is none)."""
+        last, self.current, self.members = self.current or None, [], 0
+        return last
+
+
 def plan_shards(stored: Sequence[StoredSample], max_samples: int, max_bytes: int | None) -> list[range]:
     """Consecutive sample ranges, one per shard: at most `max_samples` each and, when `max_bytes`
     is set, a tar file of at most `max_bytes` unless a single sample alone is bigger."""
-    plan: list[range] = []
-    start, members = 0, 0
-    for i, s in enumerate(stored):
-        count = i - start
-        full = count >= max_samples or (
-            count > 0 and max_bytes is not None and tar_size(members + s.tar_bytes) > max_bytes
-        )
-        if full:
-            plan.append(range(start, i))
-            start, members = i, 0
-        members += s.tar_bytes
-    if start < len(stored):
-        plan.append(range(start, len(stored)))
+    planner, plan, start = _ShardPlanner(max_samples, max_bytes), [], 0
+    for s in stored:
+        if closed := planner.add(s):
+            plan.append(range(start, start + len(closed)))
+            start += len(closed)
+    if last := planner.finish():
+        plan.append(range(start, start + len(last)))
     return plan
 
 
@@ -285,10 +314,19 @@ class SplitShards:
     geometry: set[tuple[int, int, int]]
 
 
-def _pool_map(executor: ProcessPoolExecutor | None, fn: Callable, tasks: list) -> Iterator:
-    if executor is None:
-        return map(fn, tasks)
-    return executor.map(fn, tasks)  # results in task order, whatever order workers finish in
+class _InProcess:
+    """The executor interface for workers=1: runs each task at once, here."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever asks for the result, as a pool would
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        pass
 
 
 def write_dataset_shards(
@@ -331,27 +369,53 @@ def write_dataset_shards(
         pool_size = min(workers, max(1, len(chunks)))
         executor = (
             ProcessPoolExecutor(pool_size, mp_context=get_context("spawn"), initializer=tune_malloc)
-            if pool_size > 1 else None
+            if pool_size > 1 else _InProcess()
         )
         try:
-            encode_tasks = [(i, chunk, options, scratch) for i, (_, _, chunk) in enumerate(chunks)]
-            stored: dict[str, list[StoredSample]] = {split: [] for split in splits}
-            for (split, _, _), records in zip(chunks, _pool_map(executor, _encode_chunk, encode_tasks)):
-                stored[split].extend(records)
-            write_tasks, owners = [], []
-            for split, items in stored.items():
-                for index, rng in enumerate(plan_shards(items, max_samples, max_bytes)):
-                    write_tasks.append((f"{folder}/{shard_name(split, index)}", items[rng.start : rng.stop], scratch, target))
-                    owners.append(split)
-            results = {split: SplitShards([], {(s.height, s.width, s.channels) for s in items}) for split, items in stored.items()}
-            for split, record in zip(owners, _pool_map(executor, _write_shard, write_tasks)):
-                results[split].records.append(record)
+            results = _encode_and_write(executor, chunks, splits, options, scratch, target, folder,
+                                        max_samples, max_bytes, window=2 * pool_size)
         finally:
-            if executor is not None:
-                executor.shutdown(cancel_futures=True)
+            executor.shutdown(cancel_futures=True)
     for split, result in results.items():
         _remove_stale_shards(target, folder, split, keep=len(result.records))
     return results
+
+
+def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptions, scratch: str,
+                      target: OutputTarget, folder: str, max_samples: int, max_bytes: int | None,
+                      window: int) -> dict[str, SplitShards]:
+    """Both passes, overlapped: chunks are encoded `window` at a time, in order; each shard is
+    planned and handed to a worker to write as soon as its last sample is encoded, so writing runs
+    alongside the encoding of later chunks instead of after all of it."""
+    pending: deque[Future] = deque()
+    submitted = 0
+
+    def keep_encoding() -> None:
+        nonlocal submitted
+        while submitted < len(chunks) and len(pending) < window:
+            pending.append(executor.submit(_encode_chunk, (submitted, chunks[submitted][2], options, scratch)))
+            submitted += 1
+
+    writes: dict[str, list[Future]] = {split: [] for split in splits}
+    geometry: dict[str, set] = {split: set() for split in splits}
+    planners = {split: _ShardPlanner(max_samples, max_bytes) for split in splits}
+
+    def write(split: str, shard: list[StoredSample]) -> None:
+        name = f"{folder}/{shard_name(split, len(writes[split]))}"
+        writes[split].append(executor.submit(_write_shard, (name, shard, scratch, target)))
+
+    keep_encoding()
+    for i, (split, _, _) in enumerate(chunks):
+        records = pending.popleft().result()  # chunks come back in order, whoever encoded them
+        keep_encoding()
+        for record in records:
+            geometry[split].add((record.height, record.width, record.channels))
+            if closed := planners[split].add(record):
+                write(split, closed)
+        if i + 1 == len(chunks) or chunks[i + 1][0] != split:  # the split's last chunk
+            if last := planners[split].finish():
+                write(split, last)
+    return {split: SplitShards([f.result() for f in writes[split]], geometry[split]) for split in splits}
 
 
 def write_shards(
