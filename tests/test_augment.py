@@ -72,14 +72,16 @@ def test_mixup_and_cutmix_keep_target_mass_and_match_the_pasted_area():
 
 
 def test_workers_hand_over_uint8_pixels_that_normalize_to_the_float_transform(digit):
-    """Loader workers ship uint8 (C, H, W); normalizing a batch of them where it lands gives exactly
+    """Loader workers ship uint8 (H, W, C); normalizing a batch of them where it lands gives exactly
     what the float transform gives, for grayscale and RGB."""
     for channels, mean, std in ((1, [0.5], [0.25]), (3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])):
         t = TrainTransform(image_size=20, in_channels=channels, mean=mean, std=std, random_resized_crop=True,
                            hflip=True)
         pixels = t.pixels(digit, random.Random("k"))
-        assert pixels.dtype == np.uint8 and pixels.shape == (channels, 20, 20)
+        assert pixels.dtype == np.uint8 and pixels.shape == (20, 20, channels)  # channels last, as PIL holds them
         batch = torch.from_numpy(np.stack([pixels, pixels]))
         expected = t(digit, random.Random("k"))
-        assert torch.allclose(t.normalize(batch)[1], expected, atol=1e-6)
-        assert abs(float(t.normalize(batch)[0, 0].mean()) - (pixels[0].mean() / 255 - mean[0]) / std[0]) < 1e-4
+        normalized = t.normalize(batch)
+        assert normalized.shape == (2, channels, 20, 20) and normalized.is_contiguous()
+        assert torch.allclose(normalized[1], expected, atol=1e-6)
+        assert abs(float(normalized[0, 0].mean()) - (pixels[:, :, 0].mean() / 255 - mean[0]) / std[0]) < 1e-4

@@ -64,7 +64,7 @@ def test_two_ranks_see_every_sample_once_per_epoch_with_equal_steps(digits, work
     assert dropped < 2 * max(1, workers) * 16 + 60  # at most ~a batch per stream plus imbalance
     for _, batches in streams:  # labels travel with their own image
         b = batches[0]
-        assert b["images"].shape == (16, 1, 8, 8) and b["images"].dtype == torch.uint8 and b["labels"].shape == (16,)
+        assert b["images"].shape == (16, 8, 8, 1) and b["images"].dtype == torch.uint8 and b["labels"].shape == (16,)
 
 
 def test_epochs_differ_and_are_deterministic(digits):

@@ -109,15 +109,15 @@ class TrainTransform:
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of `pixels`."""
+        """(H, W, C) of `pixels`."""
         return self._finish.output_shape
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., C, H, W) from `pixels`, on any device -> normalized float32."""
+        """uint8 (..., H, W, C) from `pixels`, on any device -> normalized float32 (..., C, H, W)."""
         return self._finish.normalize(pixels)
 
     def pixels(self, image: Image.Image, rng: Optional[random.Random] = None) -> np.ndarray:
-        """uint8 (C, H, W) after the augmentations, before normalization.
+        """uint8 (H, W, C) after the augmentations, before normalization.
 
         What loader workers hand over: a quarter of float32's bytes through the worker queue, and
         the normalization runs where the batch lands (on the GPU, for free).

@@ -412,7 +412,7 @@ class StreamSettings:
 
 
 class _BatchSlots:
-    """Shared-memory batch buffers that loader workers fill in place: (workers, depth, B, C, H, W) uint8.
+    """Shared-memory batch buffers that loader workers fill in place: (workers, depth, B, H, W, C) uint8.
 
     Through a worker's queue, a batch is pickled, written to a pipe, read and unpickled: five copies
     of every image (4.8 MB per 224 px batch of 32), which cost more than decoding on a machine with
@@ -601,8 +601,8 @@ def _init_worker(worker_id: int) -> None:
 class TrainStream:
     """This rank's training batches, epoch after epoch, with a checkpointable position.
 
-    Iterating yields dicts with "images" (B, C, H, W) uint8 pixels (normalize them where they land,
-    with the transform's `normalize`), "labels" (B,), "keys" (B shard/key strings) and "corrupt"
+    Iterating yields dicts with "images" (B, H, W, C) uint8 pixels (normalize them where they land,
+    with the transform's `normalize`, which also makes them (B, C, H, W)), "labels" (B,), "keys" (B shard/key strings) and "corrupt"
     (per-shard counts of skipped images since the previous batch).
     """
 
@@ -684,7 +684,7 @@ def train_stream(manifest: Manifest | str | Path, *, transform: Callable, micro_
                  world_size: int, workers: int = 0, shuffle_buffer: int = 1000, seed: int = 0,
                  sampling: str = "exact", max_corrupt_fraction: float = 0.0, base_url: Optional[str] = None,
                  state: StreamState | None = None, zero_copy: bool = False) -> TrainStream:
-    """This rank's `TrainStream` over the train split; `transform.pixels(image, rng)` -> uint8 (C, H, W)."""
+    """This rank's `TrainStream` over the train split; `transform.pixels(image, rng)` -> uint8 (H, W, C)."""
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
