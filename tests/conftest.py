@@ -59,3 +59,16 @@ def s3_env(s3_server, monkeypatch):
     return client, bucket
 
 
+
+
+@pytest.fixture(scope="session")
+def digits300(tmp_path_factory) -> Path:
+    """300 of scikit-learn's 8x8 digits prepared into 50-sample shards (the folder holding
+    manifest.json), shared by every test file that needs a small real dataset; copy it before
+    changing it."""
+    from pipeline.config import DataConfig
+    from pipeline.data.manifest import prepare_dataset
+
+    out = tmp_path_factory.mktemp("digits300")
+    prepare_dataset(DataConfig(source="digits", limit=300, shard_max_samples=50, workers=1), out)
+    return out

@@ -19,10 +19,9 @@ from typing import Iterator
 import pytest
 import torch
 
-from pipeline.config import DataConfig
 from pipeline.data.augment import TrainTransform
 from pipeline.data.loader import eval_batches
-from pipeline.data.manifest import DataError, load_manifest, manifest_location, prepare_dataset, verify_manifest
+from pipeline.data.manifest import DataError, load_manifest, manifest_location, verify_manifest
 from pipeline.data.stream import train_stream
 from stages.record import file_identity
 
@@ -32,11 +31,9 @@ EVAL = dict(image_size=8, in_channels=1, mean=[0.5], std=[0.5], batch_size=16, r
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A small prepared dataset (300 8x8 digits, 50 per shard): the folder holding manifest.json."""
-    out = tmp_path_factory.mktemp("urls")
-    prepare_dataset(DataConfig(source="digits", limit=300, shard_max_samples=50, workers=1), out)
-    return out
+def dataset(digits300) -> Path:
+    """A small prepared dataset (300 8x8 digits, 50 per shard; conftest.py): the folder holding manifest.json."""
+    return digits300
 
 
 @contextlib.contextmanager

@@ -242,10 +242,8 @@ def test_prepare_to_s3_with_worker_processes(s3_env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("small")
-    prepare_dataset(DataConfig(source="digits", limit=300, shard_max_samples=50, workers=1), out)
-    return out
+def small_dataset(digits300) -> Path:
+    return digits300
 
 
 @pytest.fixture
