@@ -287,3 +287,16 @@ def test_workers_fill_shared_slots_and_zero_copy_batches_match(digits):
     for (k0, l0, i0), (k1, l1, i1), (k2, l2, i2) in zip(reference, copied, zero, strict=True):
         assert k0 == k1 == k2 and torch.equal(l0, l1) and torch.equal(l0, l2)
         assert torch.equal(i0, i1) and torch.equal(i0, i2)
+
+
+def test_too_little_shared_memory_falls_back_to_the_queues_with_a_warning(digits, monkeypatch):
+    """A /dev/shm too small for the batch buffers (a container's 64 MB default) must not kill a worker
+    with SIGBUS mid-epoch: the stream says how much it needs and hands batches through the queues."""
+    import pipeline.data.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "_shm_free_bytes", lambda: 1024)
+    stream = train_stream(digits, transform=TRANSFORM, micro_batch=16, rank=0, world_size=1, workers=2,
+                          shuffle_buffer=50, seed=3)
+    with pytest.warns(UserWarning, match=r"need 8\.0 KiB but /dev/shm has 1\.0 KiB free.*--shm-size"):
+        batch = next(iter(stream))
+    assert stream._batch_slots is None and batch["images"].shape == (16, 8, 8, 1)

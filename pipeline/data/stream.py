@@ -411,6 +411,19 @@ class StreamSettings:
     where: str
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where shared tensors live on Linux (None where there is none)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 class _BatchSlots:
     """Shared-memory batch buffers that loader workers fill in place: (workers, depth, B, H, W, C) uint8.
 
@@ -636,8 +649,19 @@ class TrainStream:
         if self.settings.workers < 1 or shape is None:
             return None
         if self._batch_slots is None:
-            self._batch_slots = _BatchSlots(self.settings.workers, _PREFETCH + 2,
-                                            (self.settings.micro_batch, *shape))
+            depth, batch_shape = _PREFETCH + 2, (self.settings.micro_batch, *shape)
+            need = self.settings.workers * depth * math.prod(batch_shape)
+            free = _shm_free_bytes()
+            if free is not None and free < need:
+                # a full /dev/shm makes a worker die of SIGBUS mid-epoch: say so now, and keep going
+                # the slow way (batches pickled through the workers' queues)
+                import warnings
+
+                warnings.warn(f"loader: the shared batch buffers need {_size(need)} but /dev/shm has "
+                              f"{_size(free)} free; handing batches over through the worker queues "
+                              "instead (slower). In a container, raise it (docker run --shm-size=8g).", stacklevel=2)
+                return None
+            self._batch_slots = _BatchSlots(self.settings.workers, depth, batch_shape)
         self._batch_slots.reset()
         return self._batch_slots
 
