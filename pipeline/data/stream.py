@@ -429,11 +429,13 @@ class _BatchSlots:
 
     Through a worker's queue, a batch is pickled, written to a pipe, read and unpickled: five copies
     of every image (4.8 MB per 224 px batch of 32), which cost more than decoding on a machine with
-    slow memory. Here a worker writes each image once into a slot, sends only the slot's index, and
-    the consumer copies the batch out and frees the slot. A slot's flag is 1 from the moment a
-    worker fills it until the consumer has copied it; a worker waits for a free slot (it never has
-    to: the DataLoader keeps at most `prefetch_factor` batches per worker in flight, fewer than
-    `depth`). Created before the workers fork, so they share the same memory.
+    slow memory. Here a worker writes each image once into a slot and sends only the slot's index;
+    the consumer copies the batch out and frees the slot, or (zero copy) uses the slot itself and
+    frees it when it draws the next batch. A slot's flag is 1 from the moment a worker fills it until
+    the consumer frees it; a worker waits for a free slot. It never has to: per worker, the
+    DataLoader keeps at most `prefetch_factor` batches in flight, plus one held by a zero-copy
+    consumer and the one being filled, which is `depth`. Created before the workers fork, so they
+    share the same memory.
     """
 
     def __init__(self, workers: int, depth: int, shape: tuple[int, ...]):
