@@ -26,10 +26,10 @@ def dataset_manifest(cfg: PipelineConfig, workdir: Path) -> str | Path:
     """Where the prepare stage of this recipe leaves its manifest: under data.output when set (a
     folder or s3://bucket/prefix), else in the working directory's prepare/ folder."""
     if cfg.data.output:
-        from pipeline.data.manifest import MANIFEST_NAME, is_url
+        from pipeline.data.manifest import MANIFEST_NAME, is_url, manifest_url
 
         if is_url(cfg.data.output):
-            return f"{cfg.data.output.rstrip('/')}/{MANIFEST_NAME}"
+            return manifest_url(cfg.data.output.rstrip("/"))
         return Path(cfg.data.output) / MANIFEST_NAME
     return stage_dirs(workdir)["prepare"] / "manifest.json"
 

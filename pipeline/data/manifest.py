@@ -335,11 +335,11 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True, train_base_ur
     the manifest.
     """
     if manifest.is_remote:
-        _verify_remote_sizes(manifest, [(split, manifest.shard_locations(split)) for split in manifest.splits])
+        _verify_sizes(manifest, [(split, manifest.shard_locations(split)) for split in manifest.splits])
         return
     if train_base_url:
         base = train_base_url.rstrip("/")
-        _verify_remote_sizes(manifest, [("train", [f"{base}/{r['name']}" for r in manifest.shards("train")])])
+        _verify_sizes(manifest, [("train", [f"{base}/{r['name']}" for r in manifest.shards("train")])])
     for split in manifest.splits:
         if train_base_url and split == "train":
             continue
@@ -365,7 +365,7 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True, train_base_ur
                 )
 
 
-def _verify_remote_sizes(manifest: Manifest, where: list[tuple[str, list[str]]], threads: int = 16) -> None:
+def _verify_sizes(manifest: Manifest, where: list[tuple[str, list[str]]], threads: int = 16) -> None:
     """Every shard at its location (URL or local path) exists and has its recorded size (HEAD
     requests or stat, in parallel); `where` pairs each split with its shards' locations."""
     from concurrent.futures import ThreadPoolExecutor

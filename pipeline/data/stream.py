@@ -66,13 +66,13 @@ def open_url(url: str):
         except OSError as e:
             raise DataError(f"{url}: cannot open ({e})") from None
     if url.startswith("s3://"):
+        from pipeline.data.storage import s3_client
+
         bucket, _, key = url[5:].partition("/")
         try:
-            import boto3
-        except ImportError:
-            raise DataError(f"{url}: reading s3:// needs boto3 (pip install boto3)") from None
-        # boto3 reads credentials, region and AWS_ENDPOINT_URL from the usual environment variables.
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+            client = s3_client()  # one per process, from the usual AWS_* environment variables
+        except DataError as e:
+            raise DataError(f"{url}: {e}") from None
         try:
             return client.get_object(Bucket=bucket, Key=key)["Body"]
         except Exception as e:  # botocore's ClientError and connection errors
