@@ -20,6 +20,7 @@ stages and their files (see docs in ARCHITECTURE.md):
   export     weights, manifest -> export/model.onnx + model.onnx.json (parity-checked)
   benchmark  model.onnx        -> benchmark/bench.json (onnxruntime vs PyTorch eager)
   run        all of the above in order, plus summary.json
+  import-weights  a timm / Hugging Face / Google .npz ViT checkpoint -> model.safetensors + model.json
 
 example: vitpipe run configs/pipeline/demo.yaml pretrain.steps=50 model.depth=4
 tracking: MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///./mlflow.db (view with `mlflow ui`)"""
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--manifest", help="manifest.json, its folder, or an s3:// or http(s):// URL of either "
                        "(default <workdir>/prepare/manifest.json)")
         if name == "finetune":
-            p.add_argument("--init", type=Path, help="weights pair to start from")
+            p.add_argument("--init", type=Path, help="weights to start from: a weights pair, or a timm .safetensors/"
+                           ".pth/.bin, Hugging Face folder or Google .npz (imported once into <out>/../imported/)")
         p.add_argument("--out", type=Path, help=f"output folder (default <workdir>/{name})")
 
     p = sub.add_parser("export", help="weights pair -> parity-checked ONNX",
@@ -85,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="model.onnx (default <workdir>/export/model.onnx)")
     p.add_argument("--weights", type=Path, help="PyTorch baseline weights (default <workdir>/finetune/model.safetensors)")
     p.add_argument("--out", type=Path, help="output folder (default <workdir>/benchmark)")
+
+    p = sub.add_parser("import-weights", help="timm / Hugging Face / Google .npz ViT checkpoint -> weights pair",
+                       description="Translate a public ViT checkpoint into <out>/model.safetensors + model.json "
+                       "(architecture inferred from its tensors and config, source format and sha256 recorded); "
+                       "fine-tune, export and benchmark read the result. Unmappable keys are an error naming them.")
+    p.add_argument("source", type=Path, help="a timm .safetensors/.pth/.bin (or timm hub folder), a Hugging Face "
+                   "ViTModel/ViTForImageClassification folder, or a Google vision_transformer/big_vision .npz")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the weights pair into")
+    p.add_argument("--format", default="auto", choices=("auto", "timm", "hf", "npz"),
+                   help="source format (default: from the suffix or the folder's config.json)")
+    p.add_argument("--heads", type=int, help="attention heads, for a timm checkpoint of no standard size "
+                   "(a fused qkv does not show the head count)")
 
     p = sub.add_parser("config", help="print the resolved, validated config",
                        description="Load the recipe with its base files and overrides, validate it and print it as YAML.")
@@ -130,6 +144,15 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.data.bench_prepare import run_bench_prepare
 
         return run_bench_prepare(args)
+    if args.command == "import-weights":
+        from pipeline.model.importers import import_weights
+
+        meta = import_weights(args.source, args.out, args.format, args.heads)
+        arch = meta["architecture"]
+        print(f"[import] {args.source} ({meta['source']['format']}, sha256 {meta['source']['sha256'][:16]}) -> "
+              f"{args.out}: width {arch['width']}, depth {arch['depth']}, heads {arch['heads']}, patch "
+              f"{arch['patch_size']}, {meta['image_size'][0]}x{meta['image_size'][1]} px, {meta['num_classes']} classes")
+        return 0
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
         from pipeline.data.shards_cli import run_bench_data, run_shards
 

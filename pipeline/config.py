@@ -62,6 +62,14 @@ class ModelConfig:
     """Stochastic depth rate of the last block (linearly increasing from 0)."""
     pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
     """Mode used whenever position embeddings are resampled to another grid; stored with the model."""
+    class_token: bool = True
+    """Prepend a learned [class] token (the paper's); false for timm/big_vision checkpoints pooled by averaging."""
+    global_pool: Literal["token", "avg"] = "token"
+    """What the head sees: the [class] token's output, or the mean of the patch tokens (needs no class token)."""
+    fc_norm: bool = False
+    """Apply the final LayerNorm after pooling instead of to every token (timm's fc_norm, e.g. MAE fine-tunes)."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon: 1e-6 in the paper's code and timm; Hugging Face ViT checkpoints use 1e-12."""
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     """Per-channel normalization mean (pixels scaled to [0, 1] first); one value per channel."""
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -491,6 +499,11 @@ def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
         raise ConfigError(f"{prefix}stem_stride: must be a power of two >= 2, got {m.stem_stride}")
     if not 0.0 <= m.drop_path < 1.0 or not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"{prefix}dropout/drop_path: must be in [0, 1)")
+    if m.global_pool == "token" and not m.class_token:
+        raise ConfigError(f"{prefix}global_pool: 'token' needs class_token=true; set {prefix}global_pool=avg "
+                          f"or {prefix}class_token=true")
+    if not 0.0 < m.norm_eps < 1e-2:
+        raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; the usual values are 1e-6 or 1e-12")
 
 
 def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:

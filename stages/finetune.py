@@ -1,6 +1,8 @@
 """Stage 3, finetune: a weights pair at a higher resolution, resampled position embeddings, new head.
 
-Reads: a model.safetensors/model.json pair (ours or imported), manifest.json (a local file or an
+Reads: a model.safetensors/model.json pair (ours or imported), or a timm / Hugging Face / Google
+.npz checkpoint, imported once into <out>/../imported/<format>-<hash>/ (outside the stage folder,
+which a restart wipes), manifest.json (a local file or an
 s3:// or http(s):// URL), the finetune config.
 Writes: the same pair at the new resolution and classes under <out>, plus checkpoints/, result.json.
 Also reports the pre-trained model's val accuracy at the new resolution before any fine-tuning.
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from pipeline.config import TrainConfig, train_fingerprint_fields, validate_train
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
+from pipeline.model.importers import resolve_init
 from pipeline.model.weights import model_config_from_meta, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
@@ -30,6 +33,8 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     # Fail fast, before any process starts: a bad manifest, a file that is not a weights pair, a
     # checkpoint whose tensors do not fit its architecture, a resolution its patch size cannot take.
     verify_manifest(m, check_hashes=train.verify_shards == "full", train_base_url=train.shard_base_url)
+    # Before fingerprinting: the stage's input is the imported pair, keyed by the source's hash.
+    init_from = resolve_init(init_from, out_dir.parent / "imported")
     model, meta = model_from_pair(init_from, image_size=train.image_size, num_classes=m.num_classes,
                                   class_names=m.class_names)
     del model

@@ -37,6 +37,15 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def _headless(width: int) -> nn.Linear:
+    """A (width -> 0) head: an imported checkpoint without one; fine-tuning replaces it."""
+    head = nn.Linear(width, 1)  # built at size 1: torch warns when it initializes a zero-element weight
+    head.weight = nn.Parameter(torch.zeros(0, width))
+    head.bias = nn.Parameter(torch.zeros(0))
+    head.out_features = 0
+    return head
+
+
 class ResidualBlock(nn.Module):
     """Basic ResNet block: conv3x3-GN-ReLU-conv3x3-GN plus a (projected) shortcut, then ReLU."""
 
@@ -120,11 +129,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x)), each branch with stochastic depth."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, drop_path_rate: float):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, drop_path_rate: float,
+                 norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, mlp_dim, dropout)
         self.drop_path_rate = drop_path_rate
 
@@ -134,9 +144,11 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT: patch (or stem-feature) embedding, [class] token, 1-D position embeddings, L blocks, head."""
+    """ViT: patch (or stem-feature) embedding, [class] token, 1-D position embeddings, L blocks, head.
 
-    num_prefix_tokens = 1  # the [class] token precedes the patch tokens in pos_embed
+    Imported checkpoints may instead have no [class] token and average the patch tokens
+    (`global_pool="avg"`), with the final norm after pooling (`fc_norm`), as timm allows.
+    """
 
     def __init__(
         self,
@@ -154,8 +166,17 @@ class VisionTransformer(nn.Module):
         stem_stride: int = 4,
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        class_token: bool = True,
+        global_pool: str = "token",
+        fc_norm: bool = False,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
+        if global_pool not in ("token", "avg") or (global_pool == "token" and not class_token):
+            raise ValueError(f"global_pool {global_pool!r} with class_token={class_token}: use 'token' (needs the "
+                             "class token) or 'avg'")
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if class_token else 0  # the [class] token precedes the patches in pos_embed
         self.image_size = _pair(image_size)
         self.in_channels = in_channels
         self.width = width
@@ -175,21 +196,23 @@ class VisionTransformer(nn.Module):
         else:
             self.stem = None
             self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))  # (1, 1, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, width))  # (1, 1+N, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None  # (1, 1, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + n_patches, width))  # (1, 1+N, D)
         self.pos_drop = nn.Dropout(dropout)
         # Stochastic depth grows linearly with depth: early blocks are kept almost always.
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_dim, dropout, r) for r in rates)
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.head = nn.Linear(width, num_classes)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_dim, dropout, r, norm_eps) for r in rates)
+        # One final LayerNorm: on every token (the paper), or on the pooled vector (timm's fc_norm).
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(width, eps=norm_eps)
+        self.fc_norm = nn.LayerNorm(width, eps=norm_eps) if fc_norm else nn.Identity()
+        self.head = nn.Linear(width, num_classes) if num_classes else _headless(width)
         self.num_classes = num_classes
         self._init_weights()
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m.weight.numel():
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d) and m is not self.patch_embed:
@@ -204,11 +227,11 @@ class VisionTransformer(nn.Module):
         head = nn.Linear(self.width, num_classes)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
-        self.head = head.to(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = head.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
         self.num_classes = num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normalized tokens (B, 1+N, D)."""
+        """Images (B, C, H, W) -> tokens (B, 1+N, D) (B, N, D without a class token), normalized unless fc_norm."""
         # C/H/W are static for a given model, so these checks add no graph breaks or ONNX branches.
         if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != self.image_size:
             raise ValueError(
@@ -218,16 +241,23 @@ class VisionTransformer(nn.Module):
         if self.stem is not None:
             x = self.stem(x)  # (B, C_stem, gh, gw)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major over the grid
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = x + self.pos_embed
         x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1+N, D) -> the representation the head sees (B, D)."""
+        if self.global_pool == "token":
+            return self.fc_norm(tokens[:, 0])  # the [class] token's output
+        return self.fc_norm(tokens[:, self.num_prefix_tokens:].mean(dim=1))  # mean over patch tokens only
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
-        return self.head(self.forward_features(x)[:, 0])  # the [class] token's output
+        return self.head(self.pool(self.forward_features(x)))
 
 
 def build_model(cfg: ModelConfig, image_size: int | tuple[int, int], num_classes: int) -> VisionTransformer:
@@ -246,6 +276,10 @@ def build_model(cfg: ModelConfig, image_size: int | tuple[int, int], num_classes
         stem_stride=cfg.stem_stride,
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
+        class_token=cfg.class_token,
+        global_pool=cfg.global_pool,
+        fc_norm=cfg.fc_norm,
+        norm_eps=cfg.norm_eps,
     )
 
 
