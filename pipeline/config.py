@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pipeline.model.variants import decode_variant
+from pipeline.model.variants import ROOT_STRIDES, decode_variant, natural_stem_stride
 
 STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark")
 
@@ -51,11 +51,15 @@ class ModelConfig:
     in_channels: int = 3
     """Image channels the model takes: 1 (grayscale) or 3 (RGB). Images are converted to this."""
     hybrid: bool = False
-    """Use a small ResNet stem and patches of size 1 on its feature map."""
-    stem_channels: int = 64
-    """Hybrid only: channels of the stem's first stage (doubled at each downsampling)."""
-    stem_stride: int = 4
-    """Hybrid only: total downsampling of the stem (a power of two >= 2); plays the role of P."""
+    """Feed the Transformer a BiT ResNet stem's feature map, cut into 1x1 patches (the paper's hybrid)."""
+    stem_root: Literal["bit", "small"] = "bit"
+    """Hybrid only: bit = 7x7 stride-2 conv + max pool (stride 4, ImageNet-size inputs); small = one 3x3 stride-1 conv (images of tens of pixels)."""
+    stem_stages: list[int] = field(default_factory=lambda: [3, 4, 9])
+    """Hybrid only: bottleneck blocks per stage; [3, 4, 9] is the paper's R50 with stage 4 folded into stage 3."""
+    stem_width: int = 64
+    """Hybrid only: root channels and stage-1 bottleneck width (stage i: width * 2^i, output 4x that); 64 is R50x1."""
+    stem_stride: Optional[int] = None
+    """Hybrid only: total stride, which plays P's role; null = root stride x 2 per stage after the first; smaller values dilate the last stages."""
     dropout: float = 0.0
     """Dropout after the position embeddings and inside MLPs."""
     drop_path: float = 0.0
@@ -77,8 +81,12 @@ class ModelConfig:
 
     @property
     def effective_patch(self) -> int:
-        """Pixels per token side: P for plain ViT, the stem's stride for the hybrid."""
-        return self.stem_stride if self.hybrid else self.patch_size
+        """Pixels per token side: P for plain ViT, the stem's total stride for the hybrid."""
+        if not self.hybrid:
+            return self.patch_size
+        if self.stem_stride is not None:
+            return self.stem_stride
+        return natural_stem_stride(self.stem_root, len(self.stem_stages))
 
 
 @dataclass
@@ -477,7 +485,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
     """Cross-field checks of the architecture."""
-    for name in ("patch_size", "width", "depth", "heads", "mlp_dim", "stem_channels", "stem_stride"):
+    for name in ("patch_size", "width", "depth", "heads", "mlp_dim", "stem_width"):
         if getattr(m, name) < 1:
             raise ConfigError(f"{prefix}{name}: must be >= 1, got {getattr(m, name)}")
     if m.width % m.heads:
@@ -495,8 +503,8 @@ def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
             raise ConfigError(f"{prefix}{name}: needs 1 or {m.in_channels} value(s) for in_channels={m.in_channels}, got {vals}")
     if any(s <= 0 for s in m.std):
         raise ConfigError(f"{prefix}std: every value must be > 0, got {m.std}")
-    if m.hybrid and (m.stem_stride < 2 or m.stem_stride & (m.stem_stride - 1)):
-        raise ConfigError(f"{prefix}stem_stride: must be a power of two >= 2, got {m.stem_stride}")
+    if m.hybrid:
+        validate_stem(m, prefix)
     if not 0.0 <= m.drop_path < 1.0 or not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"{prefix}dropout/drop_path: must be in [0, 1)")
     if m.global_pool == "token" and not m.class_token:
@@ -504,6 +512,23 @@ def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
                           f"or {prefix}class_token=true")
     if not 0.0 < m.norm_eps < 1e-2:
         raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; the usual values are 1e-6 or 1e-12")
+
+
+def validate_stem(m: ModelConfig, prefix: str = "model.") -> None:
+    """The hybrid's ResNet stem: stage list, and a total stride the stages can reach."""
+    if not m.stem_stages or any(b < 1 for b in m.stem_stages):
+        raise ConfigError(f"{prefix}stem_stages: need one or more stages of >= 1 block each, "
+                          f"e.g. [3, 4, 9] (R50, stride 16) or [1, 1] (small root, stride 2); got {m.stem_stages}")
+    if m.stem_stride is None:
+        return
+    low, high = ROOT_STRIDES[m.stem_root], natural_stem_stride(m.stem_root, len(m.stem_stages))
+    reachable = [low * 2**i for i in range(len(m.stem_stages))]
+    if m.stem_stride not in reachable:
+        raise ConfigError(
+            f"{prefix}stem_stride: {m.stem_stride} is not reachable; with stem_root={m.stem_root} "
+            f"(stride {low}) and {len(m.stem_stages)} stage(s) it must be a power of two in {reachable} "
+            f"(null: {high}); add stages for a larger stride or use stem_root=small for a smaller one"
+        )
 
 
 def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:

@@ -92,9 +92,44 @@ def test_bad_config_is_rejected_with_key_and_fix(overrides, key, hint):
 
 
 def test_hybrid_image_size_is_checked_against_stem_stride():
-    load_config(DEMO, ["model.hybrid=true", "model.stem_stride=2"])  # 14 and 28 are multiples of 2
+    small = ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1]"]
+    cfg = load_config(DEMO, small)  # stride 2: 14 and 28 are multiples of it
+    assert cfg.model.effective_patch == 2
     with pytest.raises(ConfigError, match="pretrain.image_size: 14 is not divisible by the hybrid stem's stride 4"):
-        load_config(DEMO, ["model.hybrid=true", "model.stem_stride=4"])
+        load_config(DEMO, ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1]"])
+    # The default stem is the paper's R50 (stride 16): too coarse for 14 px digits, and said so.
+    with pytest.raises(ConfigError, match="14 is not divisible by the hybrid stem's stride 16"):
+        load_config(DEMO, ["model.hybrid=true"])
+
+
+@pytest.mark.parametrize(
+    "overrides, hint",
+    [(["model.stem_stages=[]"], "need one or more stages"),
+     (["model.stem_stages=[3, 0]"], "need one or more stages"),
+     (["model.stem_stride=32"], "not reachable"),          # [3, 4, 9] after the bit root: 4, 8 or 16
+     (["model.stem_stride=2"], "use stem_root=small"),
+     (["model.stem_root=tiny"], "'bit', 'small'"),
+     (["model.stem_width=0"], "must be >= 1")],
+)
+def test_bad_stem_is_rejected(overrides, hint):
+    with pytest.raises(ConfigError, match=r"model\.stem_") as err:
+        load_config(None, ["model.hybrid=true", *overrides])
+    assert hint in str(err.value)
+
+
+def test_hybrid_variants_decode_from_the_one_table():
+    assert decode_variant("vit-r50-b16") == {"width": 768, "depth": 12, "mlp_dim": 3072, "heads": 12, "hybrid": True,
+                                             "stem_root": "bit", "stem_stages": [3, 4, 9], "stem_width": 64}
+    assert decode_variant("vit-r50-l16")["stem_stages"] == [3, 4, 9] and decode_variant("vit-r50-l16")["width"] == 1024
+    assert decode_variant("vit-r50-l32")["stem_stages"] == [3, 4, 6, 3]
+    assert decode_variant("vit-r26-s32")["stem_stages"] == [2, 2, 2, 2]
+    assert decode_variant("vit-r8s-ti2")["stem_root"] == "small"
+    for name, patch in (("vit-r50-b16", 16), ("vit-r26-s32", 32), ("vit-r8s-ti2", 2), ("vit-r26-s16", 16)):
+        assert load_config(None, [f"model.variant={name}"]).model.effective_patch == patch, name
+    for bad, hint in (("vit-r51-b16", "ResNet depth 51"), ("vit-r50-b64", "reach at most 32"),
+                      ("vit-r50-b2", "power of two >= 4")):
+        with pytest.raises(ConfigError, match=hint):
+            load_config(None, [f"model.variant={bad}"])
 
 
 def test_missing_and_malformed_files_name_the_file(tmp_path):

@@ -7,11 +7,20 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, from_dict
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.variants import SIZES
-from pipeline.model.vit import VisionTransformer, build_model, flops_per_image, param_groups_for_weight_decay
+from pipeline.model.vit import (
+    MaxPoolSame,
+    StdConv2d,
+    VisionTransformer,
+    build_model,
+    flops_per_image,
+    param_groups_for_weight_decay,
+)
 from pipeline.model.weights import (
     model_config_from_meta,
     model_from_pair,
@@ -52,19 +61,82 @@ def test_non_square_image_and_dynamic_batch():
             assert model(torch.randn(b, 1, 8, 16)).shape == (b, 10)
 
 
-@pytest.mark.parametrize("stride", [2, 4, 8])
-def test_hybrid_grid_is_image_over_stem_stride(stride):
-    model = tiny(image_size=32, hybrid=True, stem_channels=8, stem_stride=stride).eval()
+# The tiny hybrid of these tests: small root, two one-block stages (total stride 2), 8-wide stem.
+TINY_HYBRID = dict(hybrid=True, stem_root="small", stem_stages=[1, 1], stem_width=8)
+
+
+@pytest.mark.parametrize(
+    "stem, stride",
+    [({"stem_stages": [1]}, 1), ({"stem_stages": [1, 1]}, 2), ({"stem_stages": [1, 2, 1]}, 4),
+     ({"stem_root": "bit", "stem_stages": [1, 1]}, 8), ({"stem_stages": [1, 1, 1], "stem_stride": 2}, 2)],
+)
+def test_hybrid_grid_is_image_over_stem_stride(stem, stride):
+    model = tiny(image_size=32, **{**TINY_HYBRID, **stem}).eval()
     g = 32 // stride
+    assert model.stem.stride == stride and model.patch_size == stride
     assert model.grid == (g, g) and model.pos_embed.shape == (1, 1 + g * g, 32)
     assert model.patch_embed.kernel_size == (1, 1)  # "patches of size 1" on the stem's map
     with torch.no_grad():
+        assert model.stem(torch.randn(2, 1, 32, 32)).shape == (2, model.stem.out_channels, g, g)
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_hybrid_stem_is_bit_resnet():
+    """Widths, strides, norms and names of the paper's R50 stem (stages 3, 4, 9), built on meta tensors."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(variant=None, hybrid=True), 224, 1000)  # defaults = R50, stride 16
+    stem = model.stem
+    assert stem.root.conv.kernel_size == (7, 7) and stem.root.conv.stride == (2, 2)
+    assert [len(s.blocks) for s in stem.stages] == [3, 4, 9] and stem.stride == 16 and model.grid == (14, 14)
+    assert [s.blocks[0].conv3.out_channels for s in stem.stages] == [256, 512, 1024]
+    assert [s.blocks[0].conv2.stride for s in stem.stages] == [(1, 1), (2, 2), (2, 2)]  # stride on the 3x3
+    assert model.patch_embed.in_channels == 1024
+    norms = [m for m in stem.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(n.num_groups == 32 for n in norms)
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(isinstance(c, StdConv2d) and c.bias is None for c in convs)
+    # timm ResNetV2 names (under patch_embed.backbone.) map onto ours by prefix.
+    keys = set(model.state_dict())
+    assert {"stem.root.conv.weight", "stem.root.norm.weight", "stem.stages.0.blocks.0.downsample.conv.weight",
+            "stem.stages.2.blocks.8.conv3.weight", "stem.stages.1.blocks.0.norm2.bias"} <= keys
+
+
+def test_std_conv_standardizes_each_output_kernel_in_fp32():
+    conv = StdConv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight.mul_(7.0).add_(3.0)
+    w = conv.standardized_weight()
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.std(dim=(1, 2, 3), unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+    # The conv uses the standardized kernel, so scaling the raw weight changes nothing.
+    x = torch.randn(2, 3, 8, 8)
+    y = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(10.0)
+    torch.testing.assert_close(conv(x), y, atol=1e-3, rtol=1e-4)  # up to the eps added to the std
+    half = StdConv2d(3, 4, 3).to(torch.bfloat16)
+    ref = StdConv2d(3, 4, 3)
+    ref.load_state_dict({"weight": half.weight.float()})
+    torch.testing.assert_close(half.standardized_weight().float(), ref.standardized_weight(), atol=1e-2, rtol=0)
+
+
+def test_same_padding_matches_the_original_for_stride_2():
+    # Flax 'SAME' pads a stride-2 3x3 conv on an even input (0, 1), not torch's symmetric (1, 1).
+    conv = StdConv2d(1, 1, 3, stride=2)
+    x = torch.randn(1, 1, 8, 8)
+    want = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.standardized_weight(), stride=2)
+    torch.testing.assert_close(conv(x), want)
+    assert conv(x).shape[-2:] == (4, 4) and StdConv2d(1, 1, 7, stride=2)(torch.randn(1, 1, 14, 14)).shape[-2:] == (7, 7)
+    pool = MaxPoolSame()
+    y = -torch.rand(1, 1, 4, 4)  # all negative: a zero-padded pool would return 0 at the far edge
+    assert torch.equal(pool(y), F.max_pool2d(F.pad(y, (0, 1, 0, 1), value=float("-inf")), 3, 2))
 
 
 def test_hybrid_rejects_bad_stride():
     with pytest.raises(ValueError, match="power of two"):
-        tiny(image_size=24, hybrid=True, stem_stride=3)
+        tiny(image_size=24, **TINY_HYBRID, stem_stride=3)
+    with pytest.raises(ValueError, match="between the 'bit' root's stride 4 and 8"):
+        tiny(image_size=32, **{**TINY_HYBRID, "stem_root": "bit"}, stem_stride=16)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 20, 16), (2, 3, 16, 16), (2, 1, 16, 20)])
@@ -100,14 +172,15 @@ def test_reset_head_is_zero_and_gives_zero_logits():
 
 
 def test_param_groups_skip_decay_on_pos_embed_cls_biases_norms():
-    model = tiny(hybrid=True, stem_channels=8, stem_stride=4)
+    model = tiny(**TINY_HYBRID)
     decay, no_decay = param_groups_for_weight_decay(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
     assert {"pos_embed", "cls_token", "head.bias", "norm.weight", "norm.bias", "blocks.0.norm1.weight"} <= nd
-    assert "stem.root.1.weight" in nd  # GroupNorm scale
+    assert {"stem.root.norm.weight", "stem.stages.1.blocks.0.norm3.weight"} <= nd  # GroupNorm scales
+    assert "stem.stages.0.blocks.0.conv2.weight" in d
     assert {"patch_embed.weight", "head.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight"} <= d
     assert not d & nd and len(d) + len(nd) == len(names)
 
@@ -118,7 +191,51 @@ def test_flops_match_hand_count():
     patch = 2 * n * d * (1 * 4 * 4)
     block = 2 * (t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m)
     assert flops_per_image(model) == patch + 2 * block + 2 * d * 10
-    assert flops_per_image(tiny(image_size=32, hybrid=True, stem_channels=8)) > 0
+
+
+@pytest.mark.parametrize(
+    "name, overrides, size",
+    [("plain", {}, 16), ("tiny hybrid", TINY_HYBRID, 16),
+     ("dilated hybrid", {**TINY_HYBRID, "stem_stages": [1, 1, 1], "stem_stride": 2}, 16),
+     ("R50+ViT-B/16", {"variant": "vit-r50-b16"}, 224), ("R26+ViT-S/32", {"variant": "vit-r26-s32"}, 64)],
+)
+def test_flops_match_torch_flop_counter(name, overrides, size):
+    """The analytic count equals PyTorch's FlopCounterMode (convs, matmuls, attention) on meta tensors."""
+    if "variant" in overrides:
+        cfg = from_dict(ModelConfig, {**overrides, "in_channels": 1})
+    else:
+        cfg = dataclasses.replace(TINY, **overrides)
+    with torch.device("meta"):
+        model = build_model(cfg, size, 10)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 1, size, size))
+    assert flops_per_image(model) == counter.get_total_flops(), name
+
+
+# timm's published parameter counts (results/results-imagenet.csv, 1000 classes) for the same
+# architectures; R50+ViT-L/16 has no timm twin: its count is R50+ViT-L/32's with stage 4 folded in.
+@pytest.mark.parametrize(
+    "variant, size, params",
+    [("vit-r50-b16", 384, 98.95e6), ("vit-r26-s32", 224, 36.43e6), ("vit-r50-l32", 224, 328.99e6)],
+)
+def test_hybrid_parameter_counts_match_timm(variant, size, params):
+    with torch.device("meta"):
+        model = build_model(from_dict(ModelConfig, {"variant": variant}), size, 1000)
+    assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.005e6
+
+
+def test_r50_l16_parameter_count_from_l32():
+    with torch.device("meta"):
+        l32 = build_model(from_dict(ModelConfig, {"variant": "vit-r50-l32"}), 224, 1000)
+        l16 = build_model(from_dict(ModelConfig, {"variant": "vit-r50-l16"}), 224, 1000)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    stage4 = count(l32.stem.stages[3])
+    unit3 = count(l16.stem.stages[2].blocks[-1])  # a non-projecting 1024-wide bottleneck
+    assert unit3 == 2 * (1024 * 256 + 256 * 256 * 9 + 256 * 1024) // 2 + 2 * (256 + 256 + 1024)
+    want = (count(l32) - stage4 + 3 * unit3
+            - 2048 * 1024 + 1024 * 1024          # the 1x1 embedding now reads 1024 channels, not 2048
+            + (14 * 14 - 7 * 7) * 1024)          # 196 tokens instead of 49
+    assert count(l16) == want and abs(want - 316.48e6) < 0.01e6
 
 
 def test_model_imports_no_distribution_or_tracking():

@@ -1,4 +1,4 @@
-"""The Vision Transformer of Dosovitskiy et al. (2021), optionally with a small ResNet stem (the hybrid).
+"""The Vision Transformer of Dosovitskiy et al. (2021), optionally with a BiT ResNet stem (the hybrid).
 
 Torch only: distribution, activation checkpointing and compilation are applied from outside.
 """
@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.variants import ROOT_STRIDES, natural_stem_stride
+
 if TYPE_CHECKING:  # only for annotations; keeps this module free of the config loader at runtime
     from pipeline.config import ModelConfig
 
@@ -23,9 +25,183 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
+# GroupNorm epsilon of the original hybrid code (Flax's default in vit_jax), which trained the
+# paper's R50+ViT checkpoints; torch's default (1e-5) would shift imported features slightly.
+GN_EPS = 1e-6
+# Weight standardization as in vit_jax's `weight_standardize` (the paper's hybrids):
+# (w - mean) / (std + 1e-5) per output channel. BiT's own code divides by sqrt(var + 1e-10) and timm
+# by sqrt(var + 1e-8); on trained kernels (std >> 1e-5) the three agree to ~1e-4 relative.
+WS_EPS = 1e-5
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: statistics do not depend on the (small, per-rank) batch, as in BiT.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    # 32 groups as in BiT; a stem narrower than 32 channels (tiny test/demo stems) uses fewer.
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=GN_EPS)
+
+
+def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF/Flax 'SAME' padding (before, after): output = ceil(size / stride); the extra pixel goes after."""
+    effective = (kernel - 1) * dilation + 1
+    total = max((math.ceil(size / stride) - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardized convolution (BiT) with 'SAME' padding, no bias.
+
+    The kernel of each output channel is standardized in fp32 on every forward (so a bf16 engine
+    still standardizes in full precision), then cast to the input's dtype. 'SAME' padding as in the
+    original Flax code: for a stride-2 conv on an even input the padding is (0, 1), not torch's (1, 1),
+    which matters for imported weights. Image sizes are static per model, so the pads are constants
+    in traced/exported graphs.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1):
+        super().__init__(in_ch, out_ch, kernel, stride, padding=0, dilation=dilation, bias=False)
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight.float()
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return ((w - mean) / (std + WS_EPS)).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        top, bottom = _same_pad(x.shape[-2], kh, sh, dh)
+        left, right = _same_pad(x.shape[-1], kw, sw, dw)
+        w = self.standardized_weight().to(x.dtype)
+        if top == bottom and left == right:  # symmetric: let the conv pad (one op fewer)
+            return F.conv2d(x, w, None, self.stride, (top, left), self.dilation)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, w, None, self.stride, 0, self.dilation)
+
+
+class MaxPoolSame(nn.Module):
+    """3x3 stride-2 max pool with 'SAME' padding (padded with -inf), as the original's root block."""
+
+    def __init__(self, kernel: int = 3, stride: int = 2):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = _same_pad(x.shape[-2], self.kernel, self.stride, 1)
+        left, right = _same_pad(x.shape[-1], self.kernel, self.stride, 1)
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel, self.stride)
+
+
+class Root(nn.Module):
+    """The stem's root: conv -> GroupNorm -> ReLU (-> max pool).
+
+    "bit": 7x7 stride-2 conv + 3x3 stride-2 max pool (stride 4), as BiT and the paper's hybrids for
+    ImageNet-size inputs. "small": one 3x3 stride-1 conv and no pool (stride 1), for images of tens
+    of pixels, where a stride-4 root would leave almost nothing for the stages.
+    """
+
+    def __init__(self, in_channels: int, width: int, kind: str):
+        super().__init__()
+        if kind not in ROOT_STRIDES:
+            raise ValueError(f"stem root {kind!r}: use one of {', '.join(ROOT_STRIDES)}")
+        big = kind == "bit"
+        self.conv = StdConv2d(in_channels, width, 7 if big else 3, 2 if big else 1)
+        self.norm = _group_norm(width)
+        self.pool: nn.Module = MaxPoolSame() if big else nn.Identity()
+        self.stride = ROOT_STRIDES[kind]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(F.relu(self.norm(self.conv(x))))
+
+
+class Downsample(nn.Module):
+    """Projection shortcut: 1x1 strided StdConv + GroupNorm."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv = StdConv2d(in_ch, out_ch, 1, stride)
+        self.norm = _group_norm(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Bottleneck(nn.Module):
+    """The hybrid's bottleneck unit (not pre-activation, as in the paper's code): 1x1 -> 3x3 (stride,
+    dilation) -> 1x1, each conv followed by GroupNorm, ReLU after the first two and after the sum."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dilation: int):
+        super().__init__()
+        mid = out_ch // 4
+        self.downsample = Downsample(in_ch, out_ch, stride) if stride != 1 or in_ch != out_ch else None
+        self.conv1 = StdConv2d(in_ch, mid, 1)
+        self.norm1 = _group_norm(mid)
+        self.conv2 = StdConv2d(mid, mid, 3, stride, dilation)
+        self.norm2 = _group_norm(mid)
+        self.conv3 = StdConv2d(mid, out_ch, 1)
+        self.norm3 = _group_norm(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = F.relu(self.norm2(self.conv2(y)))
+        y = self.norm3(self.conv3(y))
+        return F.relu(y + shortcut)
+
+
+class ResNetStage(nn.Module):
+    """`depth` bottleneck units; the first one changes width and (maybe) resolution."""
+
+    def __init__(self, in_ch: int, out_ch: int, depth: int, stride: int, dilation: int):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *(Bottleneck(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, dilation) for i in range(depth))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class ResNetStem(nn.Module):
+    """BiT-style ResNet feature extractor of the hybrid (GroupNorm, weight-standardized convs, bottlenecks).
+
+    Stage i has bottlenecks of width `width` * 2^i (output 4x that, as in ResNet-50); the first stage
+    keeps the root's resolution and each later one halves it, until `stride` is reached; stages past
+    it keep the resolution and dilate their 3x3 convs instead (BiT's max output stride). Module names
+    follow timm's ResNetV2 (`stem.conv` -> `root.conv`, `stages.N.blocks.M.conv1`, `downsample.conv`)
+    so imported state dicts map by prefix.
+    """
+
+    def __init__(
+        self, in_channels: int, stages: list[int] | tuple[int, ...], width: int = 64,
+        root: str = "bit", stride: int | None = None,
+    ):
+        super().__init__()
+        if not stages or min(stages) < 1:
+            raise ValueError(f"stem stages: need at least one stage of >= 1 block, got {list(stages)}")
+        self.root = Root(in_channels, width, root)
+        natural = natural_stem_stride(root, len(stages))
+        stride = natural if stride is None else stride
+        if stride < self.root.stride or stride > natural or stride & (stride - 1):
+            raise ValueError(
+                f"stem_stride {stride}: must be a power of two between the {root!r} root's stride "
+                f"{self.root.stride} and {natural} ({len(stages)} stages)"
+            )
+        self.stride = stride
+        current, dilation, ch = self.root.stride, 1, width
+        layers: list[nn.Module] = []
+        for i, depth in enumerate(stages):
+            step = 1 if i == 0 else 2
+            if current * step > stride:  # stride reached: keep resolution, widen the receptive field
+                dilation *= step
+                step = 1
+            layers.append(ResNetStage(ch, 4 * width * 2**i, depth, step, dilation))
+            ch = 4 * width * 2**i
+            current *= step
+        self.stages = nn.Sequential(*layers)
+        self.out_channels = ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.root(x))  # (B, C_out, H/stride, W/stride)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -44,52 +220,6 @@ def _headless(width: int) -> nn.Linear:
     head.bias = nn.Parameter(torch.zeros(0))
     head.out_features = 0
     return head
-
-
-class ResidualBlock(nn.Module):
-    """Basic ResNet block: conv3x3-GN-ReLU-conv3x3-GN plus a (projected) shortcut, then ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.norm1 = _group_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.norm2 = _group_norm(out_ch)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), _group_norm(out_ch))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.norm1(self.conv1(x)))
-        y = self.norm2(self.conv2(y))
-        return F.relu(y + self.shortcut(x))
-
-
-class ResNetStem(nn.Module):
-    """Small ResNet feature extractor with total stride `stride` (a power of two >= 2)."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int):
-        super().__init__()
-        if stride < 2 or stride & (stride - 1):
-            raise ValueError(f"stem_stride must be a power of two >= 2, got {stride}")
-        n_down = int(math.log2(stride))
-        # Root: a 3x3 stride-2 conv (not the 7x7 + max-pool of ImageNet ResNets: images here are small).
-        self.root = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, 2, 1, bias=False), _group_norm(channels), nn.ReLU()
-        )
-        blocks: list[nn.Module] = []
-        ch = channels
-        if n_down == 1:
-            blocks.append(ResidualBlock(ch, ch, 1))  # at least one residual block even at stride 2
-        for _ in range(n_down - 1):
-            blocks.append(ResidualBlock(ch, ch * 2, 2))  # each further halving doubles the channels
-            ch *= 2
-        self.blocks = nn.Sequential(*blocks)
-        self.out_channels = ch
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.root(x))  # (B, C_out, H/stride, W/stride)
 
 
 class Attention(nn.Module):
@@ -162,8 +292,10 @@ class VisionTransformer(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         hybrid: bool = False,
-        stem_channels: int = 64,
-        stem_stride: int = 4,
+        stem_root: str = "bit",
+        stem_stages: list[int] | tuple[int, ...] = (3, 4, 9),
+        stem_width: int = 64,
+        stem_stride: int | None = None,
         dropout: float = 0.0,
         drop_path: float = 0.0,
         class_token: bool = True,
@@ -181,8 +313,11 @@ class VisionTransformer(nn.Module):
         self.in_channels = in_channels
         self.width = width
         self.hybrid = hybrid
+        self.stem: ResNetStem | None = None
+        if hybrid:
+            self.stem = ResNetStem(in_channels, stem_stages, stem_width, stem_root, stem_stride)
         # The hybrid's "patches" are single pixels of the stem's map, so the stem stride plays P's role.
-        self.patch_size = stem_stride if hybrid else patch_size
+        self.patch_size = self.stem.stride if self.stem is not None else patch_size
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
             what = "the stem stride" if hybrid else "the patch size"
@@ -190,11 +325,9 @@ class VisionTransformer(nn.Module):
         self.grid = (h // self.patch_size, w // self.patch_size)
         n_patches = self.grid[0] * self.grid[1]
 
-        if hybrid:
-            self.stem: nn.Module | None = ResNetStem(in_channels, stem_channels, stem_stride)
+        if self.stem is not None:
             self.patch_embed = nn.Conv2d(self.stem.out_channels, width, kernel_size=1)
         else:
-            self.stem = None
             self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None  # (1, 1, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + n_patches, width))  # (1, 1+N, D)
@@ -217,6 +350,10 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d) and m is not self.patch_embed:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, Bottleneck):
+                # Each residual unit starts as its shortcut (zero scale on the last norm), as in the
+                # original hybrid code (gn3 scale_init=zeros): deep stems train from the first step.
+                nn.init.zeros_(m.norm3.weight)
         # LeCun normal for the embedding, as in the reference (big_vision) implementation.
         fan_in = self.patch_embed.in_channels * self.patch_embed.kernel_size[0] * self.patch_embed.kernel_size[1]
         nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
@@ -272,7 +409,9 @@ def build_model(cfg: ModelConfig, image_size: int | tuple[int, int], num_classes
         num_classes=num_classes,
         in_channels=cfg.in_channels,
         hybrid=cfg.hybrid,
-        stem_channels=cfg.stem_channels,
+        stem_root=cfg.stem_root,
+        stem_stages=cfg.stem_stages,
+        stem_width=cfg.stem_width,
         stem_stride=cfg.stem_stride,
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
@@ -307,30 +446,41 @@ def _conv_flops(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int, int]:
     """2 * MACs of `conv` on an (h, w) input, and its output size."""
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
-    ph, pw = conv.padding  # type: ignore[misc]
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if isinstance(conv, StdConv2d):  # 'SAME' padding: output = ceil(input / stride)
+        ho, wo = -(-h // sh), -(-w // sw)
+    else:
+        (ph, pw), (dh, dw) = conv.padding, conv.dilation  # type: ignore[misc]
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     macs = ho * wo * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
     return 2 * macs, ho, wo
 
 
 def _stem_flops(stem: ResNetStem, h: int, w: int) -> int:
-    flops, h, w = _conv_flops(stem.root[0], h, w)
-    for block in stem.blocks:
-        f1, ho, wo = _conv_flops(block.conv1, h, w)
-        f2, _, _ = _conv_flops(block.conv2, ho, wo)
-        flops += f1 + f2
-        if isinstance(block.shortcut, nn.Sequential):
-            flops += _conv_flops(block.shortcut[0], h, w)[0]
-        h, w = ho, wo
+    """Every conv of the stem: root, and per bottleneck conv1-3 and the projection shortcut."""
+    flops, h, w = _conv_flops(stem.root.conv, h, w)
+    if not isinstance(stem.root.pool, nn.Identity):
+        h, w = -(-h // 2), -(-w // 2)  # the max pool: a comparison, not counted, but it halves the map
+    for stage in stem.stages:
+        for block in stage.blocks:
+            f1, _, _ = _conv_flops(block.conv1, h, w)
+            f2, ho, wo = _conv_flops(block.conv2, h, w)  # the stride sits on the 3x3 conv
+            f3, _, _ = _conv_flops(block.conv3, ho, wo)
+            flops += f1 + f2 + f3
+            if block.downsample is not None:
+                flops += _conv_flops(block.downsample.conv, h, w)[0]
+            h, w = ho, wo
     return flops
 
 
 def flops_per_image(model: VisionTransformer) -> int:
     """Analytic forward FLOPs for one image: 2 x MACs of every conv and matmul, attention included.
 
-    Counted: stem convs (hybrid), patch embedding, per block the qkv (N*D*3D), scores QK^T (N*N*D),
+    Counted: stem convs (hybrid: root, each bottleneck's 1x1/3x3/1x1 and projection convs), patch
+    embedding, per block the qkv (N*D*3D), scores QK^T (N*N*D),
     attention-weighted values (N*N*D), output projection (N*D*D) and MLP (2*N*D*M) MACs, and the head
-    (D*K). Not counted: norms, activations, softmax, residual adds, biases (elementwise, O(N*D)).
+    (D*K). Not counted: norms, activations, softmax, residual adds, biases (elementwise, O(N*D)), the
+    stem's max pool and weight standardization (O(kernel size), once per forward, not per pixel).
     Training costs about 3x this (forward + backward) for MFU.
     """
     h, w = model.image_size
