@@ -52,10 +52,13 @@ def _patches(x, p, order):
     return t.reshape(b, (h // p) * (w // p), -1)
 
 
-def reference_timm(sd: dict, x: torch.Tensor, heads: int, pool: str) -> torch.Tensor:
-    """timm's layout: conv weight (D, C, P, P), Linear weights (out, in), fused qkv rows (3, heads, hd)."""
+def reference_timm(sd: dict, x: torch.Tensor, heads: int, pool: str, features=None) -> torch.Tensor:
+    """timm's layout: conv weight (D, C, P, P), Linear weights (out, in), fused qkv rows (3, heads, hd).
+
+    `features`: a hybrid's stem output (B, C, h, w), cut into 1x1 patches instead of the image.
+    """
     sd = {k: v.double() for k, v in sd.items()}
-    x = x.double()
+    x = x.double() if features is None else features
     w = sd["patch_embed.proj.weight"]
     d, p = w.shape[0], w.shape[-1]
     z = _patches(x, p, "c,y,x") @ w.reshape(d, -1).T + sd["patch_embed.proj.bias"]  # x_p E
@@ -79,12 +82,15 @@ def reference_timm(sd: dict, x: torch.Tensor, heads: int, pool: str) -> torch.Te
     return r @ sd["head.weight"].T + sd["head.bias"]
 
 
-def reference_npz(arrays: dict, x: torch.Tensor) -> torch.Tensor:
-    """Flax's layout: HWIO kernels, Dense kernels (in, out), attention kernels split by head (DenseGeneral)."""
+def reference_npz(arrays: dict, x: torch.Tensor, features=None) -> torch.Tensor:
+    """Flax's layout: HWIO kernels, Dense kernels (in, out), attention kernels split by head (DenseGeneral).
+
+    `features`: a hybrid's stem output (B, C, h, w), cut into 1x1 patches instead of the image.
+    """
     big_vision = any(k.startswith("params/") for k in arrays)
     pre = "params/" if big_vision else ""
     w = {k[len(pre):]: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in arrays.items()}
-    x = x.double()
+    x = x.double() if features is None else features
     mha, ln2, mlp = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision else \
         ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
     stacked = "Transformer/encoderblock/LayerNorm_0/scale" in w
@@ -427,3 +433,179 @@ def test_finetune_init_from_an_npz_trains(tmp_path, digits300):
     assert meta["architecture"]["width"] == D and meta["num_classes"] == 10
     losses = [json.loads(line) for line in (tmp_path / "run" / "finetune" / "losses.jsonl").read_text().splitlines()]
     assert losses and all(math.isfinite(r["loss"]) for r in losses if "loss" in r)
+
+
+# -- hybrids: the BiT ResNet stem (timm vit_*_r50_* / vit_small_r26_s32_*, Google R50+ViT .npz) ------
+
+SW = 16  # stem width: root channels; stage i bottlenecks of SW * 2^i, output 4x that
+
+
+def _same(n, k, s):
+    total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+    return total // 2, total - total // 2  # Flax/TF 'SAME': the extra pixel after
+
+
+def _std_conv(x, w, stride):
+    """Weight-standardized conv (the original hybrid's StdConv: (w - mean) / (std + 1e-5)), 'SAME' padding."""
+    w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    w = w / (w.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+    (t, b), (l, r) = _same(x.shape[2], w.shape[2], stride), _same(x.shape[3], w.shape[3], stride)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (l, r, t, b)), w, stride=stride)
+
+
+def _gn(x, g, b, eps=1e-6):
+    n, c, h, w = x.shape
+    groups = math.gcd(32, c)  # BiT's 32 groups; the tiny stems here have fewer channels than that
+    y = x.reshape(n, groups, -1)
+    y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
+    return y.reshape(n, c, h, w) * g[None, :, None, None] + b[None, :, None, None]
+
+
+def reference_stem(x, conv, norm, stages):
+    """ResNet-v1.5 bottlenecks after a 7x7/2 root and 3x3/2 'SAME' max pool (the paper's hybrid stem).
+
+    conv(name) -> OIHW kernel, norm(name) -> (scale, bias); names are "root", "I.J.conv1".."conv3",
+    "I.J.proj" (0-based stage I, unit J) and the matching norms.
+    """
+    x = torch.relu(_gn(_std_conv(x, conv("root"), 2), *norm("root")))
+    (t, b), (l, r) = _same(x.shape[2], 3, 2), _same(x.shape[3], 3, 2)
+    x = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (l, r, t, b), value=float("-inf")), 3, 2)
+    for i, units in enumerate(stages):
+        for j in range(units):
+            s, u = (2 if i > 0 and j == 0 else 1), f"{i}.{j}."
+            short = _gn(_std_conv(x, conv(u + "proj"), s), *norm(u + "proj")) if j == 0 else x
+            y = torch.relu(_gn(_std_conv(x, conv(u + "conv1"), 1), *norm(u + "norm1")))
+            y = torch.relu(_gn(_std_conv(y, conv(u + "conv2"), s), *norm(u + "norm2")))
+            x = torch.relu(_gn(_std_conv(y, conv(u + "conv3"), 1), *norm(u + "norm3")) + short)
+    return x
+
+
+def _stem_shapes(stages):
+    """(name, OIHW shape) of every conv of a stem of `stages`, in reference_stem's names."""
+    out = [("root", (SW, C, 7, 7))]
+    ch = SW
+    for i, units in enumerate(stages):
+        o = 4 * SW * 2**i
+        for j in range(units):
+            cin = ch if j == 0 else o
+            out += [(f"{i}.{j}.proj", (o, cin, 1, 1))] if j == 0 else []
+            out += [(f"{i}.{j}.conv1", (o // 4, cin, 1, 1)), (f"{i}.{j}.conv2", (o // 4, o // 4, 3, 3)),
+                    (f"{i}.{j}.conv3", (o, o // 4, 1, 1))]
+        ch = o
+    return out, ch
+
+
+def timm_hybrid_state_dict(stages, grid=(2, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = timm_state_dict(grid=grid, seed=seed)
+    convs, ch = _stem_shapes(stages)
+    sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = _rand(g, D, ch, 1, 1), _rand(g, D)
+    bb = "patch_embed.backbone."
+    for name, shape in convs:
+        if name == "root":
+            conv, norm = bb + "stem.conv", bb + "stem.norm"
+        else:
+            i, j, part = name.split(".")
+            base = f"{bb}stages.{i}.blocks.{j}."
+            conv, norm = (base + "downsample.conv", base + "downsample.norm") if part == "proj" else \
+                (base + part, base + part.replace("conv", "norm"))
+        sd[conv + ".weight"] = _rand(g, *shape, scale=1.0)
+        sd[norm + ".weight"], sd[norm + ".bias"] = _rand(g, shape[0], center=1.0), _rand(g, shape[0])
+    return sd
+
+
+def reference_timm_hybrid(sd, x, stages):
+    def timm_name(name):
+        if name == "root":
+            return "patch_embed.backbone.stem.conv", "patch_embed.backbone.stem.norm"
+        i, j, part = name.split(".")
+        base = f"patch_embed.backbone.stages.{i}.blocks.{j}."
+        return (base + "downsample.conv", base + "downsample.norm") if part == "proj" else \
+            (base + part.replace("norm", "conv"), base + part.replace("conv", "norm"))
+
+    sd64 = {k: v.double() for k, v in sd.items()}
+    feat = reference_stem(x.double(), lambda n: sd64[timm_name(n)[0] + ".weight"],
+                          lambda n: (sd64[timm_name(n)[1] + ".weight"], sd64[timm_name(n)[1] + ".bias"]), stages)
+    vit_only = {k: v for k, v in sd.items() if not k.startswith("patch_embed.backbone.")}
+    return reference_timm(vit_only, feat.float(), HEADS, "token", features=feat)
+
+
+def npz_hybrid_arrays(stages, grid=(2, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = npz_arrays(grid=grid, seed=seed)
+    convs, ch = _stem_shapes(stages)
+    a["embedding/kernel"], a["embedding/bias"] = _rand(g, 1, 1, ch, D).numpy(), _rand(g, D).numpy()
+    for name, (o, i_, h, w) in convs:
+        if name == "root":
+            conv, norm = "conv_root", "gn_root"
+        else:
+            i, j, part = name.split(".")
+            unit = f"block{int(i) + 1}/unit{int(j) + 1}/"
+            conv, norm = (unit + "conv_proj", unit + "gn_proj") if part == "proj" else \
+                (unit + part, unit + part.replace("conv", "gn"))
+        a[conv + "/kernel"] = _rand(g, h, w, i_, o, scale=1.0).numpy()  # HWIO
+        a[norm + "/scale"], a[norm + "/bias"] = _rand(g, o, center=1.0).numpy(), _rand(g, o).numpy()
+    return a
+
+
+def reference_npz_hybrid(arrays, x, stages):
+    def flax_name(name):
+        if name == "root":
+            return "conv_root", "gn_root"
+        i, j, part = name.split(".")
+        unit = f"block{int(i) + 1}/unit{int(j) + 1}/"
+        return (unit + "conv_proj", unit + "gn_proj") if part == "proj" else \
+            (unit + part.replace("norm", "conv"), unit + part.replace("conv", "gn").replace("norm", "gn"))
+
+    t = lambda k: torch.from_numpy(np.asarray(arrays[k], dtype=np.float64))  # noqa: E731
+    feat = reference_stem(x.double(), lambda n: t(flax_name(n)[0] + "/kernel").permute(3, 2, 0, 1),
+                          lambda n: (t(flax_name(n)[1] + "/scale"), t(flax_name(n)[1] + "/bias")), stages)
+    vit_only = {k: v for k, v in arrays.items() if not k.startswith(("conv_root", "gn_root", "block"))}
+    return reference_npz(vit_only, x, features=feat)
+
+
+@pytest.mark.parametrize("stages", [(1, 2), (1, 1, 1, 1)])  # R50-like stride 16 in miniature; R26-like stride 32
+def test_timm_hybrid_logits_match_reference(tmp_path, stages):
+    stride = 4 * 2 ** (len(stages) - 1)
+    sd = timm_hybrid_state_dict(stages)
+    save_file(sd, str(tmp_path / "r50.safetensors"))
+    meta = import_weights(tmp_path / "r50.safetensors", tmp_path / "pair", heads=HEADS)
+    arch = meta["architecture"]
+    assert arch["hybrid"] and arch["stem_root"] == "bit" and arch["stem_stages"] == list(stages)
+    assert arch["stem_width"] == SW and meta["image_size"] == [2 * stride, 2 * stride]
+    x = images((2 * stride, 2 * stride))
+    ref = reference_timm_hybrid(sd, x, stages)
+    assert ref.abs().max() > 0.5
+    assert (our_logits(tmp_path / "pair", x).double() - ref).abs().max() <= TOL
+
+
+def test_npz_hybrid_logits_match_reference(tmp_path):
+    stages = (2, 1)
+    arrays = npz_hybrid_arrays(stages)
+    np.savez(tmp_path / "R50+ViT.npz", **arrays)
+    meta = import_weights(tmp_path / "R50+ViT.npz", tmp_path / "pair")
+    arch = meta["architecture"]
+    assert arch["hybrid"] and arch["stem_stages"] == [2, 1] and meta["image_size"] == [16, 16]
+    assert meta["pos_embed_interp"] == "bilinear"
+    x = images((16, 16))
+    ref = reference_npz_hybrid(arrays, x, stages)
+    assert ref.abs().max() > 0.5
+    assert (our_logits(tmp_path / "pair", x).double() - ref).abs().max() <= TOL
+
+
+def test_hybrid_stem_key_errors_are_named(tmp_path):
+    sd = timm_hybrid_state_dict((1, 1))
+    del sd["patch_embed.backbone.stages.1.blocks.0.downsample.norm.bias"]
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    with pytest.raises(WeightsImportError, match=r"missing key 'patch_embed\.backbone\.stages\.1\.blocks\.0\.downsample\.norm\.bias'"):
+        read_source(tmp_path / "a.safetensors", heads=HEADS)
+    sd = timm_hybrid_state_dict((1, 1))
+    sd["patch_embed.backbone.norm.weight"] = torch.ones(4 * SW * 2)  # a pre-activation ResNetV2's final norm
+    save_file(sd, str(tmp_path / "b.safetensors"))
+    with pytest.raises(WeightsImportError, match=r"unexpected key\(s\) 'patch_embed\.backbone\.norm\.weight'"):
+        read_source(tmp_path / "b.safetensors", heads=HEADS)
+    other = {k: v for k, v in timm_state_dict().items()}
+    other["patch_embed.backbone.conv1.0.weight"] = torch.zeros(8, 3, 3, 3)  # timm's resnet26d backbone
+    save_file(other, str(tmp_path / "c.safetensors"))
+    with pytest.raises(WeightsImportError, match=r"'patch_embed\.backbone\.conv1\.0\.weight': only timm's ResNetV2"):
+        read_source(tmp_path / "c.safetensors", heads=HEADS)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from pipeline.config import ConfigError, ModelConfig, validate_model
-from pipeline.model.variants import SIZES
+from pipeline.model.variants import SIZES, natural_stem_stride
 from pipeline.model.vit import build_model
 from pipeline.model.weights import FORMAT, META_NAME, WEIGHTS_NAME, save_weights_pair, weights_meta
 
@@ -86,6 +86,11 @@ class _Keys:
             raise WeightsImportError(f"{self.where}: key {key!r} holds {t.dtype} values, expected floating point")
         return t.to(torch.float32)
 
+    def take_vector(self, key: str, n: int) -> torch.Tensor:
+        """A length-`n` vector stored as (n,) or with leading 1s, e.g. a GroupNorm scale of (1, 1, 1, n)."""
+        have = self.shape(key)
+        return self.take(key, have if have[-1:] == (n,) and math.prod(have) == n else (n,)).reshape(n)
+
     def ignore(self, key: str, why: str) -> None:
         """Mark `key` as known to be irrelevant to the model (recorded in model.json with `why`)."""
         if key in self._tensors:
@@ -120,15 +125,110 @@ def _heads_from_table(width: int, depth: int, mlp_dim: int) -> Optional[int]:
     return None
 
 
-def _block_count(keys: Iterable[str], pattern: str, where: str) -> int:
-    """Number of blocks: the indices matched by `pattern` (one group) must be 0..N-1."""
+def _block_count(keys: Iterable[str], pattern: str, where: str, first: int = 0, what: str = "encoder blocks") -> int:
+    """Number of blocks: the indices matched by `pattern` (one group) must be first..first+N-1."""
     idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
     if not idx:
-        raise WeightsImportError(f"{where}: no encoder blocks found (no key matches {pattern!r})")
-    if idx != set(range(len(idx))):
-        missing = sorted(set(range(max(idx) + 1)) - idx)
-        raise WeightsImportError(f"{where}: encoder blocks {missing} are missing (found up to block {max(idx)})")
+        raise WeightsImportError(f"{where}: no {what} found (no key matches {pattern!r})")
+    if idx != set(range(first, first + len(idx))):
+        missing = sorted(set(range(first, max(idx) + 1)) - idx)
+        raise WeightsImportError(f"{where}: {what} {missing} are missing (found up to {max(idx)})")
     return len(idx)
+
+
+# -- the hybrid's BiT ResNet stem ----------------------------------------------------------------
+
+
+@dataclass
+class _Stem:
+    """A hybrid checkpoint's stem, mapped: our `stem.*` tensors and the ModelConfig fields it implies."""
+
+    state_dict: dict[str, torch.Tensor]
+    fields: dict  # hybrid, stem_root, stem_stages, stem_width, in_channels
+    out_channels: int
+    stride: int
+
+
+def _stem_root(kernel: int, where: str, key: str) -> str:
+    # Our two roots: BiT's 7x7 (+ max pool) and the small 3x3 one (no pool); anything else is not ours.
+    if kernel not in (7, 3):
+        raise WeightsImportError(f"{where}: key {key!r} is a {kernel}x{kernel} root conv; our stem's root is 7x7 or 3x3")
+    return "bit" if kernel == 7 else "small"
+
+
+def _map_stem(width: int, in_channels: int, root: str, stages: list[int],
+              conv: Callable[[str, tuple[int, int, int, int]], torch.Tensor],
+              norm: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]) -> _Stem:
+    """Walk our stem's layout; `conv(name, OIHW shape)` / `norm(name, channels)` read the source's tensors.
+
+    Names passed are ours (root.conv, stages.I.blocks.J.conv1, ..., downsample.conv); each adapter
+    translates them to its format's keys.
+    """
+    k = 7 if root == "bit" else 3
+    sd = {"stem.root.conv.weight": conv("root.conv", (width, in_channels, k, k))}
+    sd["stem.root.norm.weight"], sd["stem.root.norm.bias"] = norm("root.norm", width)
+    ch = width
+    for i, depth in enumerate(stages):
+        out = 4 * width * 2**i  # a bottleneck stage's output is 4x its width (ResNet-50)
+        mid = out // 4
+        for j in range(depth):
+            o = f"stages.{i}.blocks.{j}."
+            cin = ch if j == 0 else out
+            # The first unit of every stage changes width (stage 0) or resolution: a projection shortcut.
+            parts = [("downsample.conv", (out, cin, 1, 1))] if j == 0 else []
+            parts += [("conv1", (mid, cin, 1, 1)), ("conv2", (mid, mid, 3, 3)), ("conv3", (out, mid, 1, 1))]
+            for name, shape in parts:
+                sd[f"stem.{o}{name}.weight"] = conv(o + name, shape)
+                norm_name = name.replace("conv", "norm")
+                sd[f"stem.{o}{norm_name}.weight"], sd[f"stem.{o}{norm_name}.bias"] = norm(o + norm_name, shape[0])
+        ch = out
+    fields = {"hybrid": True, "stem_root": root, "stem_stages": list(stages), "stem_width": width,
+              "in_channels": in_channels}
+    return _Stem(sd, fields, ch, natural_stem_stride(root, len(stages)))
+
+
+def _timm_stem(src: _Keys) -> _Stem:
+    """timm's ResNetV2 backbone of vit_*_r50_* / vit_small_r26_s32_* (patch_embed.backbone.*)."""
+    b = "patch_embed.backbone."
+    if f"{b}stem.conv.weight" not in src or not any(k.startswith(f"{b}stages.") for k in src.keys()):
+        first = sorted(k for k in src.keys() if k.startswith(b))[0]
+        raise WeightsImportError(
+            f"{src.where}: key {first!r}: only timm's ResNetV2 hybrid backbone with stages (vit_*_r50_*, "
+            "vit_small_r26_s32_*) is supported, not other backbones (resnet26d/50d) or a stem alone")
+    width, cin, k, _ = src.shape(f"{b}stem.conv.weight")
+    root = _stem_root(k, src.where, f"{b}stem.conv.weight")
+    n_stages = _block_count(src.keys(), rf"{re.escape(b)}stages\.(\d+)\.", src.where, what="stem stages")
+    stages = [_block_count(src.keys(), rf"{re.escape(b)}stages\.{i}\.blocks\.(\d+)\.", src.where,
+                           what=f"units of stem stage {i}") for i in range(n_stages)]
+    # Our stem's module names follow timm's ResNetV2, except its stem.* which is our root.*.
+    theirs = lambda name: b + name.replace("root.", "stem.", 1)  # noqa: E731
+    return _map_stem(width, cin, root, stages, lambda n, shape: src.take(theirs(n) + ".weight", shape),
+                     lambda n, c: (src.take(theirs(n) + ".weight", (c,)), src.take(theirs(n) + ".bias", (c,))))
+
+
+def _npz_stem(src: _Keys, prefix: str) -> _Stem:
+    """The original hybrid's stem in a vision_transformer .npz: conv_root, gn_root, blockI/unitJ/..."""
+    kh, kw, cin, width = src.shape(f"{prefix}conv_root/kernel")
+    root = _stem_root(kh, src.where, f"{prefix}conv_root/kernel")
+    n_stages = _block_count(src.keys(), rf"{re.escape(prefix)}block(\d+)/", src.where, 1, "stem stages")
+    stages = [_block_count(src.keys(), rf"{re.escape(prefix)}block{i + 1}/unit(\d+)/", src.where, 1,
+                           f"units of stem stage {i + 1}") for i in range(n_stages)]
+
+    def theirs(name: str) -> str:  # ours -> the Flax module path (1-based blocks and units)
+        if name.startswith("root."):
+            return prefix + name.replace("root.conv", "conv_root").replace("root.norm", "gn_root")
+        _, i, _, j, part = name.split(".", 4)
+        part = {"downsample.conv": "conv_proj", "downsample.norm": "gn_proj"}.get(part, part.replace("norm", "gn"))
+        return f"{prefix}block{int(i) + 1}/unit{int(j) + 1}/{part}"
+
+    def conv(name: str, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        o, i, h, w = shape
+        return src.take(theirs(name) + "/kernel", (h, w, i, o)).permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW
+
+    def norm(name: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return src.take_vector(theirs(name) + "/scale", c), src.take_vector(theirs(name) + "/bias", c)
+
+    return _map_stem(width, cin, root, stages, conv, norm)
 
 
 def _grid(n_tokens: int, where: str, key: str, size_hint: Optional[Sequence[int]], patch: int) -> tuple[int, int]:
@@ -167,7 +267,6 @@ TIMM_UNSUPPORTED = {
     ".ls1.": "layer scale (DeiT-III/CaiT-style)",
     ".ls2.": "layer scale (DeiT-III/CaiT-style)",
     "q_norm": "query/key normalization",
-    "patch_embed.backbone": "a hybrid (ResNet) stem",
     "patch_embed.norm": "a norm after the patch embedding",
 }
 
@@ -210,9 +309,14 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
         if hit is not None:
             raise WeightsImportError(f"{where}: key {hit!r} is {what}, which our ViT does not support")
 
+    stem = _timm_stem(src) if any(k.startswith("patch_embed.backbone.") for k in src.keys()) else None
     d, c, p, p2 = src.shape("patch_embed.proj.weight")
     if p != p2:
         raise WeightsImportError(f"{where}: patch_embed.proj.weight has non-square patches {p}x{p2}")
+    if stem is not None and (p != 1 or c != stem.out_channels):
+        raise WeightsImportError(f"{where}: patch_embed.proj.weight {(d, c, p, p2)} does not take the stem's "
+                                 f"{stem.out_channels} channels as 1x1 patches")
+    stride = stem.stride if stem is not None else p  # pixels per token side
     depth = _block_count(src.keys(), r"blocks\.(\d+)\.", where)
     mlp = src.shape("blocks.0.mlp.fc1.weight")[0]
     n_heads = heads or args.get("num_heads") or _heads_from_table(d, depth, mlp)
@@ -232,7 +336,7 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
         raise WeightsImportError(f"{where}: key 'pos_embed' has {n_pos} positions, one per patch and none for the "
                                  "class token (timm's no_embed_class), which our ViT does not support")
     size_hint = (pcfg.get("input_size") or [None])[1:] or None
-    grid = _grid(n_pos - prefix, where, "pos_embed", size_hint, p)
+    grid = _grid(n_pos - prefix, where, "pos_embed", size_hint, stride)
     if "head.weight" in src and "pre_logits.fc.weight" not in src:
         num_classes = src.shape("head.weight")[0]
     else:
@@ -242,6 +346,7 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
         "patch_embed.weight": src.take("patch_embed.proj.weight", (d, c, p, p)),
         "patch_embed.bias": src.take("patch_embed.proj.bias", (d,)),
         "pos_embed": src.take("pos_embed", (1, prefix + grid[0] * grid[1], d)),
+        **(stem.state_dict if stem is not None else {}),
     }
     if class_token:
         sd["cls_token"] = src.take("cls_token", (1, 1, d))
@@ -265,13 +370,14 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
     src.check_all_used(TIMM_UNSUPPORTED)
 
     cfg = _model_config(
-        where, patch_size=p, width=d, depth=depth, heads=int(n_heads), mlp_dim=mlp, in_channels=c,
+        where, patch_size=stride, width=d, depth=depth, heads=int(n_heads), mlp_dim=mlp,
+        **(stem.fields if stem is not None else {"in_channels": c}),
         class_token=class_token, global_pool=pool, fc_norm=fc_norm, norm_eps=1e-6,
         # timm resamples position embeddings bicubically (its checkpoint_filter_fn default).
-        pos_embed_interp="bicubic", **_mean_std(pcfg.get("mean"), pcfg.get("std"), c),
+        pos_embed_interp="bicubic", **_mean_std(pcfg.get("mean"), pcfg.get("std"), stem.fields["in_channels"] if stem else c),
     )
     names = config.get("label_names") or pcfg.get("label_names")
-    return Imported(sd, cfg, (grid[0] * p, grid[1] * p), num_classes,
+    return Imported(sd, cfg, (grid[0] * stride, grid[1] * stride), num_classes,
                     list(names) if names and len(names) == num_classes else None,
                     {"ignored_keys": src.ignored, "dropped_keys": dropped,
                      "mean_std": "config.json" if pcfg.get("mean") else "default 0.5 (no config.json beside the weights)"})
@@ -418,8 +524,6 @@ def read_hf(folder: Path) -> Imported:
 
 NPZ_UNSUPPORTED = {
     "MAPHead_0": "an attention-pooling (MAP) head",
-    "conv_root": "a hybrid (ResNet) stem",
-    "block1/": "a hybrid (ResNet) stem",
     "txt/": "a text tower (an image-text model)",
 }
 
@@ -463,9 +567,14 @@ def read_npz(path: Path) -> Imported:
     t = f"{prefix}Transformer/"
     stacked = f"{t}encoderblock/LayerNorm_0/scale" in src  # big_vision's scan: one array per name, layer axis first
 
+    stem = _npz_stem(src, prefix) if f"{prefix}conv_root/kernel" in src else None  # R50+ViT
     p, p2, c, d = src.shape(f"{prefix}embedding/kernel")  # HWIO
     if p != p2:
         raise WeightsImportError(f"{where}: {prefix}embedding/kernel has non-square patches {p}x{p2}")
+    if stem is not None and (p != 1 or c != stem.out_channels):
+        raise WeightsImportError(f"{where}: {prefix}embedding/kernel {(p, p2, c, d)} does not take the stem's "
+                                 f"{stem.out_channels} channels as 1x1 patches")
+    stride = stem.stride if stem is not None else p
     if stacked:
         depth = src.shape(f"{t}encoderblock/LayerNorm_0/scale")[0]
     else:
@@ -480,12 +589,13 @@ def read_npz(path: Path) -> Imported:
     class_token = f"{prefix}cls" in src
     pos_key = f"{prefix}pos_embedding" if big_vision else f"{t}posembed_input/pos_embedding"
     prefix_tokens = 1 if class_token else 0
-    grid = _grid(src.shape(pos_key)[1] - prefix_tokens, where, pos_key, None, p)
+    grid = _grid(src.shape(pos_key)[1] - prefix_tokens, where, pos_key, None, stride)
 
     sd: dict[str, torch.Tensor] = {
         "patch_embed.weight": src.take(f"{prefix}embedding/kernel", (p, p, c, d)).permute(3, 2, 0, 1),  # HWIO -> OIHW
         "patch_embed.bias": src.take(f"{prefix}embedding/bias", (d,)),
         "pos_embed": src.take(pos_key, (1, prefix_tokens + grid[0] * grid[1], d)),
+        **(stem.state_dict if stem is not None else {}),
     }
     if class_token:
         sd["cls_token"] = src.take(f"{prefix}cls", (1, 1, d))
@@ -526,13 +636,14 @@ def read_npz(path: Path) -> Imported:
     src.check_all_used(NPZ_UNSUPPORTED)
 
     cfg = _model_config(
-        where, patch_size=p, width=d, depth=depth, heads=heads, mlp_dim=mlp, in_channels=c,
+        where, patch_size=stride, width=d, depth=depth, heads=heads, mlp_dim=mlp,
+        **(stem.fields if stem is not None else {"in_channels": c}),
         class_token=class_token, global_pool="token" if class_token else "avg", norm_eps=1e-6,
         # The original code resamples position embeddings bilinearly (scipy zoom order 1 in
         # vision_transformer, jax.image.resize "bilinear" in big_vision).
-        pos_embed_interp="bilinear", **_mean_std(None, None, c),  # inputs scaled to [-1, 1]
+        pos_embed_interp="bilinear", **_mean_std(None, None, stem.fields["in_channels"] if stem else c),  # inputs scaled to [-1, 1]
     )
-    return Imported({k: v.contiguous() for k, v in sd.items()}, cfg, (grid[0] * p, grid[1] * p), num_classes,
+    return Imported({k: v.contiguous() for k, v in sd.items()}, cfg, (grid[0] * stride, grid[1] * stride), num_classes,
                     None, {"ignored_keys": src.ignored, "dropped_keys": dropped, "layout":
                            "big_vision" if big_vision else "vision_transformer"})
 
