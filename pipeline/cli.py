@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.train.bench import add_bench_train_parser
 
     add_shards_parser(sub)
+    from pipeline.eval.fewshot_cli import add_eval_parser
+
+    add_eval_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step",
                            description="Benchmarks that print ratios against baselines measured in the same run.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
@@ -174,6 +177,10 @@ def dispatch(args: argparse.Namespace) -> int:
     from stages.recipe import dataset_manifest, stage_dirs
 
     dirs = stage_dirs(workdir)
+    if args.command == "eval":  # `vitpipe eval fewshot`: reads a weights pair, trains nothing
+        from pipeline.eval.fewshot_cli import run_eval_fewshot
+
+        return run_eval_fewshot(args, cfg, workdir, args.manifest or dataset_manifest(cfg, workdir))
     out = args.out or dirs[args.command]
     manifest = getattr(args, "manifest", None) or dataset_manifest(cfg, workdir)
     weights = getattr(args, "weights", None) or dirs["finetune"] / "model.safetensors"
@@ -186,7 +193,7 @@ def dispatch(args: argparse.Namespace) -> int:
             result = pretrain.run(cfg.model, cfg.pretrain, manifest, out, tracker, args.force)
         elif args.command == "finetune":
             init = args.init or cfg.finetune.init_from or dirs["pretrain"] / "model.safetensors"
-            result = finetune.run(cfg.finetune, manifest, init, out, tracker, args.force)
+            result = finetune.run(cfg.finetune, manifest, init, out, tracker, args.force, model=cfg.model)
         elif args.command == "export":
             result = export.run(cfg.export, weights, manifest, out, tracker, args.force)
         else:

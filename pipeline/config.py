@@ -88,6 +88,44 @@ class ModelConfig:
             return self.stem_stride
         return natural_stem_stride(self.stem_root, len(self.stem_stages))
 
+    @property
+    def given_fields(self) -> frozenset[str]:
+        """The fields a recipe set (in its file, base files, variant or overrides); for a config
+        built in code, the fields that differ from the defaults."""
+        given = self.__dict__.get("_given")  # recorded by from_dict; lost by dataclasses.replace
+        if given is not None:
+            return given
+        default = ModelConfig()
+        return frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name))
+
+
+# ModelConfig fields a fine-tune may set without changing the architecture the weights were trained
+# with; every other field is the weights' own.
+FINETUNE_MODEL_FIELDS = ("dropout", "drop_path", "pos_embed_interp")
+
+
+def finetune_model_config(weights: ModelConfig, recipe: ModelConfig, source: str) -> ModelConfig:
+    """The model a fine-tune builds: `weights`' architecture with the FINETUNE_MODEL_FIELDS the
+    recipe sets. Any other model.* field the recipe sets must agree with the weights (`source`
+    names them in the error): fine-tuning cannot change the architecture it starts from."""
+    given = recipe.given_fields
+    for f in dataclasses.fields(ModelConfig):
+        name = f.name
+        if name == "variant" or name in FINETUNE_MODEL_FIELDS or name not in given:
+            continue  # a variant is only a name for its fields, which are compared one by one
+        if name in ("stem_channels", "stem_stride") and not weights.hybrid and not recipe.hybrid:
+            continue  # no stem on either side: its settings mean nothing
+        if name == "patch_size" and weights.hybrid and recipe.hybrid:
+            continue  # the hybrid's tokens are the stem's pixels
+        mine, theirs = getattr(recipe, name), getattr(weights, name)
+        if mine != theirs:
+            raise ConfigError(
+                f"model.{name}: the recipe sets {mine!r} but the weights {source} have {theirs!r}; fine-tuning "
+                f"keeps the architecture of its weights: remove model.{name} from the recipe or set "
+                f"model.{name}={theirs!r} (only model.{', model.'.join(FINETUNE_MODEL_FIELDS)} may differ)")
+    settings = {name: getattr(recipe, name) for name in FINETUNE_MODEL_FIELDS if name in given}
+    return dataclasses.replace(weights, **settings)
+
 
 @dataclass
 class DataConfig:
@@ -211,6 +249,16 @@ class TrainConfig:
     """Seed of initialization, data order and augmentation."""
     init_from: Optional[str] = None
     """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay in (0, 1]: block i trains at lr x layer_decay**(depth - i), the embedding at
+    layer_decay**(depth + 1), the final norm and head at lr (1: one rate for all)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights, ema = d x ema + (1 - d) x w after every
+    optimizer step, and report its val accuracy beside the raw weights' (0: off; e.g. 0.999)."""
+    ema_weights: bool = False
+    """Write the EMA (not the raw) weights to model.safetensors, so export and benchmark use them; needs ema_decay > 0."""
+    freeze: Literal["none", "backbone"] = "none"
+    """backbone: train only the head (a linear probe on frozen features); none: train everything."""
     sampling: Literal["exact", "resampled", "auto"] = "exact"
     """exact: every train sample once per epoch; resampled: shards drawn with replacement (huge
     datasets, or fewer shards than ranks x workers); auto: exact when the shards suffice."""
@@ -400,7 +448,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key; {_suggest(key, names)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if cls is ModelConfig:
+        obj.__dict__["_given"] = frozenset(kwargs)  # what fine-tuning may compare (ModelConfig.given_fields)
+    return obj
 
 
 def _expand_variant(data: dict, prefix: str) -> dict:
@@ -558,6 +609,12 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}warmup_steps: must be between 0 and steps ({t.steps}), got {t.warmup_steps}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"{prefix}betas: need two values in [0, 1), got {t.betas}")
+    if t.offload_optimizer != "none" and t.optimizer != "adamw":
+        # DeepSpeed steps offloaded optimizer states with its CPU Adam; any other torch optimizer
+        # dies inside deepspeed.initialize, after every rank has started.
+        raise ConfigError(f"{prefix}offload_optimizer: {t.offload_optimizer} offload needs optimizer=adamw "
+                          f"(DeepSpeed's offloaded optimizer is Adam only), got optimizer={t.optimizer}; set "
+                          f"{prefix}offload_optimizer=none or {prefix}optimizer=adamw")
     if t.offload_optimizer != "none" and t.zero_stage == 0:
         raise ConfigError(f"{prefix}offload_optimizer: needs zero_stage >= 1 (optimizer states are partitioned "
                           f"from stage 1 on); set {prefix}zero_stage=1, 2 or 3")
@@ -581,6 +638,14 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
     for name in ("eval_every", "checkpoint_every", "workers", "log_every", "max_restarts"):
         if getattr(t, name) < 0:
             raise ConfigError(f"{prefix}{name}: must be >= 0, got {getattr(t, name)}")
+    if not 0.0 < t.layer_decay <= 1.0:
+        raise ConfigError(f"{prefix}layer_decay: must be in (0, 1] (1 turns it off), got {t.layer_decay}; "
+                          f"fine-tuning recipes use 0.65-0.9")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"{prefix}ema_decay: must be in [0, 1) (0 turns EMA off), got {t.ema_decay}; e.g. 0.999")
+    if t.ema_weights and t.ema_decay == 0.0:
+        raise ConfigError(f"{prefix}ema_weights: writing the EMA weights needs an EMA; set {prefix}ema_decay "
+                          f"(e.g. 0.999) or {prefix}ema_weights=false")
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -588,6 +653,9 @@ def validate(cfg: PipelineConfig) -> None:
     validate_model(cfg.model)
     validate_train(cfg.pretrain, cfg.model, "pretrain.")
     validate_train(cfg.finetune, cfg.model, "finetune.")
+    if cfg.pretrain.freeze != "none":
+        raise ConfigError("pretrain.freeze: pre-training from scratch must train the backbone; "
+                          "freeze is a fine-tuning option (finetune.freeze=backbone)")
     for s in cfg.stages:
         if s not in STAGES:
             raise ConfigError(f"stages: unknown stage {s!r}; {_suggest(s, list(STAGES))}")

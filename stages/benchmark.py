@@ -8,12 +8,13 @@ that really ran, the environment) and prints the table.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from pipeline.atomic import write_json
 from pipeline.config import BenchmarkConfig
 from pipeline.export.benchmark import benchmark_onnx, benchmark_torch, compare, environment, format_table
-from pipeline.model.weights import model_from_pair
+from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from stages import record
 
@@ -25,6 +26,9 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path, weights: str | Path, out_
     out_dir, onnx_path, weights = Path(out_dir), Path(onnx_path), Path(weights)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: ONNX model not found; run the export stage first")
+    if (exported := onnx_path.with_name(onnx_path.name + ".json")).is_file():  # the ONNX model's classes
+        info = json.loads(exported.read_text())
+        check_model_classes(weights, info.get("class_names"), str(onnx_path), num_classes=info["output"]["shape"][1])
     cfg = dataclasses.asdict(bench)
     fp = record.fingerprint("benchmark", cfg, [onnx_path, weights])
     if not force and (done := record.completed(out_dir, fp)):

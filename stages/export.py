@@ -20,7 +20,7 @@ from pipeline.config import ExportConfig
 from pipeline.data.loader import iter_split, make_transform
 from pipeline.data.manifest import load_manifest, manifest_location
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_parity, export_onnx
-from pipeline.model.weights import model_from_pair
+from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from stages import record
 
@@ -47,7 +47,8 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     out_dir = Path(out_dir)
     weights = Path(weights)
     manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
-    load_manifest(manifest)  # a missing or malformed manifest fails here, naming it
+    # a missing or malformed manifest fails here, naming it; so does one with other classes than the model's
+    check_model_classes(weights, load_manifest(manifest).class_names, str(manifest))
     cfg = dataclasses.asdict(export)
     fp = record.fingerprint("export", cfg, [weights, weights.with_suffix(".json"), manifest])
     if not force and (done := record.completed(out_dir, fp)):

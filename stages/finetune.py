@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import TrainConfig, train_fingerprint_fields, validate_train
+from pipeline.config import (FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, finetune_model_config,
+                             train_fingerprint_fields, validate_train)
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.model.importers import resolve_init
 from pipeline.model.weights import model_config_from_meta, model_from_pair
@@ -24,8 +25,11 @@ from stages import record
 
 
 def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir: str | Path,
-        tracker: Tracker | None = None, force: bool = False) -> dict:
-    """Fine-tune the weights pair `init_from` at train.image_size; return the result with `weights`."""
+        tracker: Tracker | None = None, force: bool = False, model: ModelConfig | None = None) -> dict:
+    """Fine-tune the weights pair `init_from` at train.image_size; return the result with `weights`.
+
+    `model` (the recipe's model.*) may set drop path, dropout and the resampling mode; any other
+    field it sets must match the weights' architecture (config.finetune_model_config)."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
     manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
@@ -35,14 +39,17 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     verify_manifest(m, check_hashes=train.verify_shards == "full", train_base_url=train.shard_base_url)
     # Before fingerprinting: the stage's input is the imported pair, keyed by the source's hash.
     init_from = resolve_init(init_from, out_dir.parent / "imported")
-    model, meta = model_from_pair(init_from, image_size=train.image_size, num_classes=m.num_classes,
-                                  class_names=m.class_names)
-    del model
-    validate_train(train, model_config_from_meta(meta), "finetune.")
+    _, meta = model_from_pair(init_from, image_size=train.image_size, num_classes=m.num_classes,
+                              class_names=m.class_names)
+    mcfg = model_config_from_meta(meta)
+    if model is not None:
+        mcfg = finetune_model_config(mcfg, model, str(init_from))
+    validate_train(train, mcfg, "finetune.")
     weights = Path(init_from)
     weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
     cfg = {"train": dataclasses.asdict(train)}
-    fp = record.fingerprint("finetune", {"train": train_fingerprint_fields(train)},
+    settings = {k: getattr(mcfg, k) for k in FINETUNE_MODEL_FIELDS}
+    fp = record.fingerprint("finetune", {"train": train_fingerprint_fields(train), "model": settings},
                             [manifest, weights_file, weights_file.with_suffix(".json")])
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[finetune] up to date: {done['weights']}")
@@ -50,15 +57,15 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     record.begin(out_dir, fp, resume=not force)  # --force retrains from scratch
     record.mark_checkpoints(out_dir, fp)
     init = str(weights_file.resolve())
-    job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
+    job = TrainJob(stage="finetune", model=dataclasses.asdict(mcfg), train=cfg["train"],
                    manifest=manifest, out_dir=str(out_dir.resolve()), init_from=init,
                    extra_meta={"init_from": init, "init_image_size": meta["source_image_size"]})
-    params = {**cfg, "init_from": init, "init_image_size": meta["source_image_size"]}
+    params = {**cfg, "model": settings, "init_from": init, "init_image_size": meta["source_image_size"]}
     result = run_training_stage(job, train.ranks, tracker, params)
     result["init_image_size"] = meta["source_image_size"]
     record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     before = result.get("val_accuracy_before")
-    before_s = f"{before:.4f}" if before is not None else "n/a (new classes)"
+    before_s = f"{before:.4f}" if before is not None else "n/a (new head)"
     print(f"[finetune] val accuracy at {train.image_size}px: before fine-tuning {before_s}, "
           f"after {result['val_accuracy']:.4f} -> {result['weights']}")
     return result

@@ -44,7 +44,7 @@ def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, f
         return pretrain.run(cfg.model, cfg.pretrain, manifest, d["pretrain"], tracker, force)
     if name == "finetune":
         init = cfg.finetune.init_from or d["pretrain"] / "model.safetensors"
-        return finetune.run(cfg.finetune, manifest, init, d["finetune"], tracker, force)
+        return finetune.run(cfg.finetune, manifest, init, d["finetune"], tracker, force, model=cfg.model)
     weights = d["finetune"] / "model.safetensors"
     if not weights.exists() and (d["pretrain"] / "model.safetensors").exists():
         weights = d["pretrain"] / "model.safetensors"  # a recipe without the finetune stage
@@ -69,7 +69,7 @@ def summary_table(summary: dict) -> str:
             lines.append(f"{'after pre-training @ %spx' % pre.get('image_size'):<44}{_fmt(pre.get('val_accuracy')):>10}")
         if ft:
             lines.append(f"{'pre-trained @ %spx, resampled pos-embed' % ft.get('image_size'):<44}"
-                         f"{_fmt(ft.get('val_accuracy_before')):>10}")
+                         f"{'n/a (new head)' if ft.get('head_reset') else _fmt(ft.get('val_accuracy_before')):>10}")
             lines.append(f"{'after fine-tuning @ %spx' % ft.get('image_size'):<44}{_fmt(ft.get('val_accuracy')):>10}")
         lines.append("")
     ex = summary.get("export") or {}

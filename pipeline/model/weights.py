@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ModelConfig, from_dict, validate_model
+from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, from_dict, validate_model
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import VisionTransformer, build_model
 
@@ -118,6 +118,33 @@ def read_weights_pair(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state_dict, meta
 
 
+def check_model_classes(weights: str | Path, class_names: Optional[Sequence[str]], against: str,
+                        num_classes: Optional[int] = None) -> None:
+    """Raise ValueError unless the weights pair predicts `class_names` (those of `against`, e.g. a
+    dataset), in order; where either side has no names, at least their number (`num_classes`) must agree."""
+    meta_path = _pair_paths(weights)[1]
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: weights-pair file not found (a pair is {WEIGHTS_NAME} + {META_NAME})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON: {e}") from None
+    theirs = meta.get("class_names")
+    count = int(meta.get("num_classes", len(theirs or [])))
+    want = len(class_names) if class_names is not None else num_classes
+    if (want is not None and want != count) or (
+            theirs is not None and class_names is not None and list(theirs) != list(class_names)):
+        shown = lambda names, n: _short(names) if names is not None else "(unnamed)"  # noqa: E731
+        raise ValueError(f"{meta_path}: the model predicts {count} classes {shown(theirs, count)} but {against} "
+                         f"has {want} classes {shown(class_names, want)}; use the dataset the model was "
+                         f"fine-tuned on, or fine-tune it on this one first")
+
+
+def _short(names: Sequence[str]) -> str:
+    names = list(names)
+    return str(names) if len(names) <= 8 else str(names[:8])[:-1] + f", ... ({len(names)} in all)]"
+
+
 def model_config_from_meta(meta: dict) -> ModelConfig:
     """The ModelConfig stored in a weights pair's metadata (validated like a recipe's)."""
     arch = meta.get("architecture")
@@ -137,11 +164,14 @@ def model_from_pair(
     image_size: int | Sequence[int] | None = None,
     num_classes: Optional[int] = None,
     class_names: Optional[Sequence[str]] = None,
+    settings: Optional[dict] = None,
 ) -> tuple[VisionTransformer, dict]:
     """Build the stored ViT at `image_size` (default: stored), resampling pos_embed and resetting the head as needed.
 
+    `settings` overrides ModelConfig fields that leave the architecture as stored (FINETUNE_MODEL_FIELDS:
+    dropout, drop_path, pos_embed_interp, which then also picks the resampling mode).
     Returns (model, meta) where meta describes the returned model (image_size, num_classes,
-    class_names updated) and adds "head_reset" (bool) and "source_image_size" (the stored size).
+    class_names, architecture updated) and adds "head_reset" (bool) and "source_image_size" (the stored size).
     """
     state_dict, meta = read_weights_pair(path)
     weights_file = _pair_paths(path)[0]
@@ -149,6 +179,13 @@ def model_from_pair(
         cfg = model_config_from_meta(meta)
     except ValueError as e:
         raise ValueError(f"{weights_file}: {e}") from None
+    settings = dict(settings or {})
+    if unknown := sorted(set(settings) - set(FINETUNE_MODEL_FIELDS)):
+        raise ValueError(f"{weights_file}: {unknown} would change the stored architecture; only "
+                         f"{list(FINETUNE_MODEL_FIELDS)} can be set when loading a weights pair")
+    if settings:
+        cfg = dataclasses.replace(cfg, **settings)
+        meta = {**meta, "architecture": dataclasses.asdict(cfg), "pos_embed_interp": cfg.pos_embed_interp}
     stored_size = tuple(int(s) for s in meta["image_size"])
     stored_classes = int(meta["num_classes"])
     stored_names = meta.get("class_names")

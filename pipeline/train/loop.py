@@ -2,11 +2,15 @@
 
 Distribution is applied here, never in `pipeline/model`, in this fixed order:
   1. seed, build the model in fp32 on CPU (identical on every rank);
-  2. for fine-tuning: load the weights pair at the new resolution, evaluate, replace the head;
+  2. for fine-tuning: load the weights pair at the new resolution (with the recipe's drop path,
+     dropout and resampling mode), evaluate, replace the head, freeze the backbone if asked
+     (requires_grad, so the optimizer's groups never see it); copy the weights for the EMA;
   3. activation checkpointing (wraps blocks; must precede the engine, which captures the module);
-  4. wrap in a DeepSpeed engine (ZeRO partitioning, precision, gradient clipping);
+  4. wrap in a DeepSpeed engine (ZeRO partitioning, precision, gradient clipping) over a torch
+     optimizer whose param groups carry the layer-wise lr scales (param_groups.py);
   5. torch.compile through the engine (after partitioning, so ZeRO-3 hooks are compiled in);
-  6. restore the newest committed checkpoint: model, optimizer, scheduler, step, RNG, data position.
+  6. restore the newest committed checkpoint: model, optimizer, scheduler, step, RNG, data position,
+     the EMA.
 Rank 0 alone logs (it gets a real tracker; the others a null one) and writes the final files.
 """
 
@@ -29,17 +33,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.atomic import write_json
-from pipeline.config import ModelConfig, TrainConfig, from_dict, validate_model, validate_train
+from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, from_dict, validate_model, validate_train
 from pipeline.data.augment import TrainTransform, mix_batch
 from pipeline.data.loader import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
-from pipeline.model.vit import build_model, flops_per_image, param_groups_for_weight_decay
+from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
 from pipeline.track import tracker_for_rank
 from pipeline.train import checkpoints
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
+from pipeline.train.ema import WeightEMA
 from pipeline.train.flops import measure_peak_tflops
+from pipeline.train.param_groups import optimizer_param_groups
 from pipeline.train.preemption import REQUEUE_EXIT, Preemption
 from pipeline.train.schedule import lr_factor
 
@@ -161,7 +167,9 @@ def build_engine(model: torch.nn.Module, t: TrainConfig, world: int, precision: 
     """Optimizer (no decay on biases/norms/pos-embed/cls), warmup+decay schedule, DeepSpeed engine."""
     import deepspeed
 
-    groups = param_groups_for_weight_decay(model, t.weight_decay)
+    # Each group's own lr carries its layer-wise scale; LambdaLR multiplies all of them by the same
+    # schedule factor, so the ratios between layers hold at every step (see param_groups.py).
+    groups = optimizer_param_groups(model, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
     if t.optimizer == "adamw" and t.offload_optimizer != "none":
         # Offloaded states are stepped on the CPU: DeepSpeed's vectorized CPU Adam (AdamW mode).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -247,6 +255,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.manifest = load_manifest(job.manifest)
         self.preemption = Preemption()
+        self.ema: WeightEMA | None = None
         self.result: dict = {"stage": job.stage, "world_size": self.world, "zero_stage": self.t.zero_stage}
 
     def log(self, msg: str) -> None:
@@ -259,8 +268,11 @@ class Trainer:
         t, job, m = self.t, self.job, self.manifest
         torch.manual_seed(t.seed)
         if job.init_from:
+            # job.model is the weights' architecture with the recipe's fine-tune settings on top
+            # (see config.finetune_model_config); the architecture itself is the weights'.
+            settings = {k: job.model[k] for k in FINETUNE_MODEL_FIELDS if k in job.model}
             model, meta = model_from_pair(job.init_from, image_size=t.image_size, num_classes=m.num_classes,
-                                          class_names=m.class_names)
+                                          class_names=m.class_names, settings=settings)
             mcfg = model_config_from_meta(meta)
         else:
             mcfg = from_dict(ModelConfig, dict(job.model))
@@ -273,6 +285,10 @@ class Trainer:
             self.evaluate_before_finetuning(model, meta)
         if meta is not None:
             model.reset_head(m.num_classes)  # zero-initialized, as in the paper's transfer recipe
+        if t.freeze == "backbone":
+            # Before the engine: DeepSpeed and the optimizer only ever see the head's tensors.
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
         model.train()
         return model
 
@@ -282,9 +298,10 @@ class Trainer:
 
     def evaluate_before_finetuning(self, model, meta) -> None:
         # The paper's question: how good is the pre-trained model at the new resolution, with
-        # resampled position embeddings, before any fine-tuning? Defined only when the classes
-        # (and so the head) carry over.
-        if list(meta.get("class_names") or []) == list(self.manifest.class_names):
+        # resampled position embeddings, before any fine-tuning? Defined only when the head carries
+        # over: a reset head is all zeros and would "predict" class 0 for every image.
+        self.result["head_reset"] = meta["head_reset"]
+        if not meta["head_reset"]:
             model.eval()
             before = evaluate(model, self.val_batches(), torch.device("cpu"), torch.float32)
             self.result["val_accuracy_before"] = before["accuracy"]
@@ -299,6 +316,7 @@ class Trainer:
         tag = checkpoints.tag_for(step)
         per_rank = _gather({"stream": stream.state.to_dict(), "rng": _rng_state(mix_rng)})
         client = {"step": step, "world_size": self.world, "ranks": per_rank, "mlflow_run_id": self.job.run_id,
+                  "ema": self.ema.state_dict() if self.ema is not None else None,
                   # lets DeepSpeed's ds_to_universal convert this checkpoint for another rank count
                   "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
         if self.rank == 0:  # a folder reused for this tag must not look committed while it is rewritten
@@ -333,6 +351,11 @@ class Trainer:
         step, tag, info = found
         _, client = engine.load_checkpoint(str(self.ckpt_root), tag=tag)
         self.result["resumed_from_step"] = step
+        if self.ema is not None:
+            if not client.get("ema"):
+                raise RuntimeError(f"{self.ckpt_root / tag}: checkpoint has no EMA state but ema_decay is set; "
+                                   f"resume=never starts over")
+            self.ema.load_state_dict(client["ema"])
         if self.rank == 0:  # forget losses logged after the checkpoint: those steps run again
             losses = self.out_dir / LOSSES_FILE
             if losses.is_file():
@@ -357,6 +380,8 @@ class Trainer:
     def run(self) -> dict | None:
         t, job = self.t, self.job
         model = self.build_model()
+        # Copied before activation checkpointing patches the blocks and before ZeRO partitions them.
+        self.ema = WeightEMA(model, t.ema_decay, t.zero_stage, self.device) if t.ema_decay else None
         if t.activation_checkpointing:
             apply_activation_checkpointing(model)
         on_gpu = self.device.type != "cpu"
@@ -421,6 +446,8 @@ class Trainer:
                                             mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                                             smoothing=t.label_smoothing, generator=mix_rng)
                 step_loss += train_micro_step(engine, images, targets, self.device, dtype) / t.grad_accum
+            if self.ema is not None:
+                self.ema.update(engine.module)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"{job.stage}: loss became {step_loss} at step {step}; lower the lr")
             # Per-step loss of every rank, averaged: the figure a resumed run must reproduce exactly.
@@ -442,7 +469,8 @@ class Trainer:
                 engine.eval()
                 ev = evaluate(engine, self.val_batches(), self.device, dtype)
                 engine.train()
-                self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"]}, step=step)
+                self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"],
+                                          **self.evaluate_ema()}, step=step)
             stop = self.stop_requested(step)
             if (t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps) or stop:
                 tag = self.save(engine, step, stream, mix_rng)
@@ -453,6 +481,13 @@ class Trainer:
                         write_json(self.out_dir / PREEMPTED_FILE, {"step": step, "tag": tag, "reason": stop})
                     raise Preempted()
         return self.finish(engine, stream, mix_rng, dtype, global_batch)
+
+    def evaluate_ema(self) -> dict:
+        """Val accuracy and loss of the EMA weights (every rank calls; empty without an EMA)."""
+        if self.ema is None:
+            return {}
+        ev = evaluate(self.ema.module, self.val_batches(), self.device, torch.float32)  # the average is fp32
+        return {"val_accuracy_ema": ev["accuracy"], "val_loss_ema": ev["loss"]}
 
     def stop_requested(self, step: int) -> str | None:
         """Whether any rank was asked to stop (all ranks agree, so all checkpoint together)."""
@@ -470,7 +505,7 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         metrics = {
             "loss": float(window) / window_steps,
-            "lr": engine.get_lr()[0],
+            "lr": max(engine.get_lr()),  # the head's: with layer-wise decay the other groups' are lower
             "images_per_s": ips,
             "step_time_s": elapsed / window_steps,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -488,15 +523,23 @@ class Trainer:
         t, job = self.t, self.job
         engine.eval()
         ev = evaluate(engine, self.val_batches(), self.device, dtype)
-        self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"]}, step=t.steps)
+        ema = self.evaluate_ema()
+        self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **ema}, step=t.steps)
         self.result.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"], val_count=ev["count"],
-                           steps=t.steps, image_size=t.image_size, global_batch=global_batch)
+                           steps=t.steps, image_size=t.image_size, global_batch=global_batch, **ema)
+        written = "ema" if t.ema_weights else "raw"
+        self.result["weights_written"] = written
         final = checkpoints.latest(self.ckpt_root)
         tag = final[1] if final and final[0] == t.steps else self.save(engine, t.steps, stream, mix_rng)
         if self.rank == 0:
-            state = consolidated_state_dict(engine, self.ckpt_root, tag, t.zero_stage)
+            if written == "ema":
+                state = self.ema.weights()
+            else:
+                state = consolidated_state_dict(engine, self.ckpt_root, tag, t.zero_stage)
+            accuracy = ema["val_accuracy_ema"] if written == "ema" else ev["accuracy"]
             meta = weights_meta(self.mcfg, t.image_size, self.manifest.num_classes, self.manifest.class_names,
-                                stage=job.stage, steps=t.steps, val_accuracy=ev["accuracy"], **job.extra_meta)
+                                stage=job.stage, steps=t.steps, val_accuracy=accuracy, weights_written=written,
+                                **job.extra_meta)
             save_weights_pair(self.out_dir, state, meta)
             write_json(self.out_dir / RESULT_FILE, self.result)
         dist.barrier()

@@ -1,0 +1,1 @@
+"""vitpipe eval: evaluations of a weights pair beyond its val accuracy."""
