@@ -37,13 +37,16 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     weights = Path(init_from)
     weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
     cfg = {"train": dataclasses.asdict(train)}
-    fp = record.fingerprint("finetune", {"train": train_fingerprint_fields(train)},
-                            [manifest, weights_file, weights_file.with_suffix(".json")])
+    fingerprinted = {"train": train_fingerprint_fields(train)}
+    inputs = [manifest, weights_file, weights_file.with_suffix(".json")]
+    fp = record.fingerprint("finetune", fingerprinted, inputs)
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[finetune] up to date: {done['weights']}")
         return done
-    record.begin(out_dir, fp, resume=not force)  # --force retrains from scratch
-    record.mark_checkpoints(out_dir, fp)
+    settings = record.settings(fingerprinted, inputs)
+    # keeps checkpoints it can continue from, refuses other changes; --force retrains from scratch
+    record.begin(out_dir, fp, resume=not force, stage_settings=settings, stage="finetune")
+    record.mark_checkpoints(out_dir, fp, settings)
     init = str(weights_file.resolve())
     job = TrainJob(stage="finetune", model=meta["architecture"], train=cfg["train"],
                    manifest=manifest, out_dir=str(out_dir.resolve()), init_from=init,
