@@ -184,6 +184,10 @@ def dispatch(args: argparse.Namespace) -> int:
     out = args.out or dirs[args.command]
     manifest = getattr(args, "manifest", None) or dataset_manifest(cfg, workdir)
     weights = getattr(args, "weights", None) or dirs["finetune"] / "model.safetensors"
+    from pipeline.folder_lock import FolderLock
+
+    stage_lock = FolderLock(out, f"vitpipe {args.command}")
+    stage_lock.acquire()  # before any work: a second writer of this folder refuses at once
     tracker = _tracker(cfg, args.command)
     status = "FAILED"
     try:
@@ -205,6 +209,7 @@ def dispatch(args: argparse.Namespace) -> int:
         raise
     finally:
         tracker.finish(status)
+        stage_lock.release()
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -429,6 +430,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string; users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan/.inf: no setting means them, and NaN fails only in training
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}; write a number such as 1e-3")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -48,19 +48,22 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     weights = Path(init_from)
     weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
     cfg = {"train": dataclasses.asdict(train)}
-    settings = {k: getattr(mcfg, k) for k in FINETUNE_MODEL_FIELDS}
-    fp = record.fingerprint("finetune", {"train": train_fingerprint_fields(train), "model": settings},
-                            [manifest, weights_file, weights_file.with_suffix(".json")])
+    model_settings = {k: getattr(mcfg, k) for k in FINETUNE_MODEL_FIELDS}
+    fingerprinted = {"train": train_fingerprint_fields(train), "model": model_settings}
+    inputs = [manifest, weights_file, weights_file.with_suffix(".json")]
+    fp = record.fingerprint("finetune", fingerprinted, inputs)
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[finetune] up to date: {done['weights']}")
         return done
-    record.begin(out_dir, fp, resume=not force)  # --force retrains from scratch
-    record.mark_checkpoints(out_dir, fp)
+    settings = record.settings(fingerprinted, inputs)
+    # keeps checkpoints it can continue from, refuses other changes; --force retrains from scratch
+    record.begin(out_dir, fp, resume=not force, stage_settings=settings, stage="finetune")
+    record.mark_checkpoints(out_dir, fp, settings)
     init = str(weights_file.resolve())
     job = TrainJob(stage="finetune", model=dataclasses.asdict(mcfg), train=cfg["train"],
                    manifest=manifest, out_dir=str(out_dir.resolve()), init_from=init,
                    extra_meta={"init_from": init, "init_image_size": meta["source_image_size"]})
-    params = {**cfg, "model": settings, "init_from": init, "init_image_size": meta["source_image_size"]}
+    params = {**cfg, "model": model_settings, "init_from": init, "init_image_size": meta["source_image_size"]}
     result = run_training_stage(job, train.ranks, tracker, params)
     result["init_image_size"] = meta["source_image_size"]
     record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)

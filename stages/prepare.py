@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data.manifest import prepare_dataset
+from pipeline.data.sources import source_identity
 from pipeline.track import NullTracker, Tracker
 from stages import record
 
@@ -24,16 +25,16 @@ def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, f
     out_dir = Path(out_dir)
     cfg = dataclasses.asdict(data)
     cfg.pop("workers")  # the output does not depend on it
-    if data.source == "folder" and data.root:
-        cfg["root"] = str(Path(data.root).resolve())
-    if data.source == "list" and data.list_file:
-        cfg["list_file"] = str(Path(data.list_file).resolve())
-    fp = record.fingerprint("prepare", cfg, [])
+    # The source is identified by its content, not where it lives: a changed folder or list reruns
+    # prepare, a moved one (or an unchanged one) does not.
+    cfg.pop("root")
+    cfg.pop("list_file")
+    fp = record.fingerprint("prepare", {**cfg, "source_identity": source_identity(data)}, [])
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[prepare] up to date: {done['manifest']}")
         return done
     record.begin(out_dir, fp)
-    tracker.log_params({"data": cfg})
+    tracker.log_params({"data": dataclasses.asdict(data)})
     # data.output (a folder or s3://bucket/prefix) overrides --out for the dataset itself;
     # the stage's record stays in out_dir
     manifest_path = prepare_dataset(data, data.output or out_dir)

@@ -36,12 +36,15 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full",
                     train_base_url=train.shard_base_url)
     cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
-    fp = record.fingerprint("pretrain", {**cfg, "train": train_fingerprint_fields(train)}, [manifest])
+    fingerprinted = {**cfg, "train": train_fingerprint_fields(train)}
+    fp = record.fingerprint("pretrain", fingerprinted, [manifest])
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[pretrain] up to date: {done['weights']}")
         return done
-    record.begin(out_dir, fp, resume=not force)  # --force retrains from scratch
-    record.mark_checkpoints(out_dir, fp)
+    settings = record.settings(fingerprinted, [manifest])
+    # keeps checkpoints it can continue from, refuses other changes; --force retrains from scratch
+    record.begin(out_dir, fp, resume=not force, stage_settings=settings, stage="pretrain")
+    record.mark_checkpoints(out_dir, fp, settings)
     result = run_training_stage(build_job(model, train, manifest, out_dir), train.ranks, tracker, cfg)
     record.finish(out_dir, "pretrain", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     print(f"[pretrain] val accuracy {result['val_accuracy']:.4f} at {train.image_size}px -> {result['weights']}")

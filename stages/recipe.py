@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.atomic import write_json
 from pipeline.config import PipelineConfig, to_dict
+from pipeline.folder_lock import FolderLock
 from pipeline.track import NullTracker, Tracker, start_tracker
 from pipeline.train.stage_runner import TrainingPreempted
 from stages import benchmark, export, finetune, prepare, pretrain
@@ -37,6 +38,12 @@ def dataset_manifest(cfg: PipelineConfig, workdir: Path) -> str | Path:
 def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, force: bool) -> dict:
     """Run one stage, taking its inputs from the standard places in `workdir`."""
     d = stage_dirs(workdir)
+    with FolderLock(d[name], f"vitpipe run: {name}"):
+        return _run_stage(name, cfg, workdir, d, tracker, force)
+
+
+def _run_stage(name: str, cfg: PipelineConfig, workdir: Path, d: dict[str, Path], tracker: Tracker,
+               force: bool) -> dict:
     manifest = dataset_manifest(cfg, workdir)
     if name == "prepare":
         return prepare.run(cfg.data, d["prepare"], tracker, force)
@@ -91,7 +98,12 @@ def summary_table(summary: dict) -> str:
 def run(cfg: PipelineConfig, workdir: str | Path | None = None, force: bool = False) -> dict:
     """Run the recipe's stages in order; return (and write) the summary."""
     workdir = Path(workdir or Path("runs") / cfg.name)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # One run per folder: a second `vitpipe run` here refuses at once, naming this one's pid and host.
+    with FolderLock(workdir, f"vitpipe run {cfg.name}"):
+        return _run(cfg, workdir, force)
+
+
+def _run(cfg: PipelineConfig, workdir: Path, force: bool) -> dict:
     (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tracker = start_tracker(cfg.tracking, run_name=cfg.name, tags={"vitpipe.recipe": cfg.name,
                                                                   "vitpipe.workdir": str(workdir.resolve())})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,3 +107,17 @@ def test_second_run_skips_stages_whose_inputs_are_unchanged(run):
     for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
         assert f"[{stage}] up to date" in proc.stdout
     assert time.perf_counter() - t0 < 60  # no training process was started
+
+
+def test_moved_run_folder_is_still_up_to_date(run):
+    # Last in this file: it moves the run folder the tests above read.
+    moved = run["cwd"] / "elsewhere" / "w2"
+    moved.parent.mkdir()
+    shutil.move(str(run["work"]), str(moved))
+    proc = vitpipe("run", str(TINY), "--workdir", str(moved), cwd=run["cwd"], env=run["env"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
+        assert f"[{stage}] up to date" in proc.stdout, stage
+    summary = json.loads((moved / "summary.json").read_text())
+    assert summary["pretrain"]["weights"] == str((moved / "pretrain" / "model.safetensors").resolve())
+    assert summary["prepare"]["manifest"] == str((moved / "prepare" / "manifest.json").resolve())

