@@ -195,6 +195,9 @@ class TrainConfig:
     """Seed of initialization, data order and augmentation."""
     init_from: Optional[str] = None
     """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+    pos_embed_init: Literal["resample", "nearest", "zeros", "reinit"] = "resample"
+    """Fine-tuning: how position embeddings start at the new grid: resample (2-D, the mode in model.json),
+    nearest, zeros or reinit (truncated normal, std 0.02); the class token's is always kept."""
     sampling: Literal["exact", "resampled", "auto"] = "exact"
     """exact: every train sample once per epoch; resampled: shards drawn with replacement (huge
     datasets, or fewer shards than ranks x workers); auto: exact when the shards suffice."""
@@ -550,6 +553,9 @@ def validate(cfg: PipelineConfig) -> None:
     validate_model(cfg.model)
     validate_train(cfg.pretrain, cfg.model, "pretrain.")
     validate_train(cfg.finetune, cfg.model, "finetune.")
+    if cfg.pretrain.pos_embed_init != "resample":
+        raise ConfigError(f"pretrain.pos_embed_init: {cfg.pretrain.pos_embed_init!r} has no effect on pre-training, "
+                          "which starts from scratch; set finetune.pos_embed_init instead")
     for s in cfg.stages:
         if s not in STAGES:
             raise ConfigError(f"stages: unknown stage {s!r}; {_suggest(s, list(STAGES))}")

@@ -260,7 +260,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         if job.init_from:
             model, meta = model_from_pair(job.init_from, image_size=t.image_size, num_classes=m.num_classes,
-                                          class_names=m.class_names)
+                                          class_names=m.class_names, pos_embed_init=t.pos_embed_init)
             mcfg = model_config_from_meta(meta)
         else:
             mcfg = from_dict(ModelConfig, dict(job.model))
