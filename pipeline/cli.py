@@ -21,6 +21,7 @@ stages and their files (see docs in ARCHITECTURE.md):
   benchmark  model.onnx        -> benchmark/bench.json (onnxruntime vs PyTorch eager)
   run        all of the above in order, plus summary.json
   import-weights  a timm / Hugging Face / Google .npz ViT checkpoint -> model.safetensors + model.json
+  study      the claims over seeds: resolution gain, pos-embed ablation (stages reused)
 
 example: vitpipe run configs/pipeline/demo.yaml pretrain.steps=50 model.depth=4
 tracking: MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///./mlflow.db (view with `mlflow ui`)"""
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_data_parser(bench_sub)
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
+    from stages.study import add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 
@@ -161,6 +165,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_shards(args) if args.command == "shards" else run_bench_data(args)
     cfg = load_config(args.recipe, args.overrides)
+    if args.command == "study":
+        from stages.study import dispatch_study
+
+        return dispatch_study(args, cfg)
     if args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0

@@ -260,6 +260,9 @@ class TrainConfig:
     """Write the EMA (not the raw) weights to model.safetensors, so export and benchmark use them; needs ema_decay > 0."""
     freeze: Literal["none", "backbone"] = "none"
     """backbone: train only the head (a linear probe on frozen features); none: train everything."""
+    pos_embed_init: Literal["resample", "nearest", "zeros", "reinit"] = "resample"
+    """Fine-tuning: how position embeddings start at the new grid: resample (2-D, the mode in model.json),
+    nearest, zeros or reinit (truncated normal, std 0.02); the class token's is always kept."""
     sampling: Literal["exact", "resampled", "auto"] = "exact"
     """exact: every train sample once per epoch; resampled: shards drawn with replacement (huge
     datasets, or fewer shards than ranks x workers); auto: exact when the shards suffice."""
@@ -659,6 +662,9 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.pretrain.freeze != "none":
         raise ConfigError("pretrain.freeze: pre-training from scratch must train the backbone; "
                           "freeze is a fine-tuning option (finetune.freeze=backbone)")
+    if cfg.pretrain.pos_embed_init != "resample":
+        raise ConfigError(f"pretrain.pos_embed_init: {cfg.pretrain.pos_embed_init!r} has no effect on pre-training, "
+                          "which starts from scratch; set finetune.pos_embed_init instead")
     for s in cfg.stages:
         if s not in STAGES:
             raise ConfigError(f"stages: unknown stage {s!r}; {_suggest(s, list(STAGES))}")

@@ -62,10 +62,12 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     init = str(weights_file.resolve())
     job = TrainJob(stage="finetune", model=dataclasses.asdict(mcfg), train=cfg["train"],
                    manifest=manifest, out_dir=str(out_dir.resolve()), init_from=init,
-                   extra_meta={"init_from": init, "init_image_size": meta["source_image_size"]})
+                   extra_meta={"init_from": init, "init_image_size": meta["source_image_size"],
+                               "pos_embed_init": train.pos_embed_init})
     params = {**cfg, "model": model_settings, "init_from": init, "init_image_size": meta["source_image_size"]}
     result = run_training_stage(job, train.ranks, tracker, params)
     result["init_image_size"] = meta["source_image_size"]
+    result["init_from"], result["pos_embed_init"] = init, train.pos_embed_init
     record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     before = result.get("val_accuracy_before")
     before_s = f"{before:.4f}" if before is not None else "n/a (new head)"

@@ -314,7 +314,7 @@ def test_resample_errors():
     with pytest.raises(ValueError, match=r"needs 4"):
         resample_pos_embed(pe, 4, old_grid=(2, 2))
     with pytest.raises(ValueError, match="mode"):
-        resample_pos_embed(pe, 4, old_grid=(2, 3), mode="nearest")
+        resample_pos_embed(pe, 4, old_grid=(2, 3), mode="area")
 
 
 # --------------------------------------------------------------------------- weights pair

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, from_dict, validate_model
-from pipeline.model.pos_embed import resample_pos_embed
+from pipeline.model.pos_embed import INITS, transfer_pos_embed
 from pipeline.model.vit import VisionTransformer, build_model
 
 FORMAT = "vitpipe.weights/1"
@@ -165,14 +165,21 @@ def model_from_pair(
     num_classes: Optional[int] = None,
     class_names: Optional[Sequence[str]] = None,
     settings: Optional[dict] = None,
+    pos_embed_init: str = "resample",
 ) -> tuple[VisionTransformer, dict]:
     """Build the stored ViT at `image_size` (default: stored), resampling pos_embed and resetting the head as needed.
 
     `settings` overrides ModelConfig fields that leave the architecture as stored (FINETUNE_MODEL_FIELDS:
     dropout, drop_path, pos_embed_interp, which then also picks the resampling mode).
+    `pos_embed_init` says how the position embeddings start at a new grid (`pos_embed.INITS`):
+    resampled with the mode in model.json (the default), nearest, zeros or reinit (the last two
+    also at the stored grid; reinit draws from torch's global RNG, so seed it first).
     Returns (model, meta) where meta describes the returned model (image_size, num_classes,
-    class_names, architecture updated) and adds "head_reset" (bool) and "source_image_size" (the stored size).
+    class_names, architecture updated) and adds "head_reset" (bool), "source_image_size" (the stored
+    size) and "pos_embed_init".
     """
+    if pos_embed_init not in INITS:
+        raise ValueError(f"pos_embed_init: {pos_embed_init!r} is not supported; use one of {', '.join(INITS)}")
     state_dict, meta = read_weights_pair(path)
     weights_file = _pair_paths(path)[0]
     try:
@@ -216,10 +223,10 @@ def model_from_pair(
             f"(a checkpoint from another model?): {shown}"
         )
 
-    if model.grid != old_grid:
+    if model.grid != old_grid or pos_embed_init in ("zeros", "reinit"):
         mode = meta.get("pos_embed_interp", cfg.pos_embed_interp)
-        state_dict["pos_embed"] = resample_pos_embed(
-            state_dict["pos_embed"], model.grid, old_grid, model.num_prefix_tokens, mode
+        state_dict["pos_embed"] = transfer_pos_embed(
+            state_dict["pos_embed"], model.grid, old_grid, model.num_prefix_tokens, pos_embed_init, mode
         )
     model.load_state_dict(state_dict, strict=True)
 
@@ -235,5 +242,6 @@ def model_from_pair(
         "class_names": list(class_names) if class_names is not None else (None if head_reset else stored_names),
         "head_reset": head_reset,
         "source_image_size": list(stored_size),
+        "pos_embed_init": pos_embed_init,
     }
     return model, out_meta

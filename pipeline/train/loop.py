@@ -272,7 +272,8 @@ class Trainer:
             # (see config.finetune_model_config); the architecture itself is the weights'.
             settings = {k: job.model[k] for k in FINETUNE_MODEL_FIELDS if k in job.model}
             model, meta = model_from_pair(job.init_from, image_size=t.image_size, num_classes=m.num_classes,
-                                          class_names=m.class_names, settings=settings)
+                                          class_names=m.class_names, settings=settings,
+                                          pos_embed_init=t.pos_embed_init)
             mcfg = model_config_from_meta(meta)
         else:
             mcfg = from_dict(ModelConfig, dict(job.model))
