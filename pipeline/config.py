@@ -511,7 +511,8 @@ def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
         raise ConfigError(f"{prefix}global_pool: 'token' needs class_token=true; set {prefix}global_pool=avg "
                           f"or {prefix}class_token=true")
     if not 0.0 < m.norm_eps < 1e-2:
-        raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; the usual values are 1e-6 or 1e-12")
+        raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; "
+                          "the usual values are 1e-6 or 1e-12")
 
 
 def validate_stem(m: ModelConfig, prefix: str = "model.") -> None:

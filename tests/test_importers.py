@@ -308,10 +308,15 @@ def _randomize(model, seed=0):
     return model.eval()
 
 
-def test_hf_image_classification_folder_gives_the_same_logits(tmp_path, hf_config):
+@pytest.mark.parametrize("weights", ["randomized", "hf_init"])
+def test_hf_image_classification_folder_gives_the_same_logits(tmp_path, hf_config, weights):
     from transformers import ViTForImageClassification
 
-    hf = _randomize(ViTForImageClassification(hf_config))
+    torch.manual_seed(0)
+    hf = ViTForImageClassification(hf_config).eval()
+    # HF's own init (std 0.02) keeps activations small, where LayerNorm's epsilon shows: with our
+    # old fixed 1e-6 instead of HF's 1e-12 these logits differed by 1.5e-4 (> TOL), hence norm_eps.
+    hf = _randomize(hf) if weights == "randomized" else hf
     hf.save_pretrained(tmp_path / "hf")
     meta = import_weights(tmp_path / "hf", tmp_path / "pair")
     assert meta["architecture"]["norm_eps"] == 1e-12 and meta["class_names"] == [f"class{i}" for i in range(K)]
@@ -319,7 +324,7 @@ def test_hf_image_classification_folder_gives_the_same_logits(tmp_path, hf_confi
     x = images((12, 12))
     with torch.no_grad():
         want = hf(pixel_values=x).logits
-    assert want.abs().max() > 0.5
+    assert want.abs().max() > (0.5 if weights == "randomized" else 0.1)
     assert (our_logits(tmp_path / "pair", x) - want).abs().max() <= TOL
 
 
