@@ -210,7 +210,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialization, data order and augmentation."""
     init_from: Optional[str] = None
-    """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+    """Weights pair (model.safetensors) to start from, or a timm/HF/.npz checkpoint (imported once); finetune defaults to the pretrain output."""
     sampling: Literal["exact", "resampled", "auto"] = "exact"
     """exact: every train sample once per epoch; resampled: shards drawn with replacement (huge
     datasets, or fewer shards than ranks x workers); auto: exact when the shards suffice."""

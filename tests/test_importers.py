@@ -389,6 +389,14 @@ def test_unsupported_timm_variant_is_refused_by_name(tmp_path):
         read_source(tmp_path / "deit.safetensors", heads=HEADS)
 
 
+def test_pos_embed_without_a_class_position_is_refused_by_name(tmp_path):
+    sd = timm_state_dict()
+    sd["pos_embed"] = sd["pos_embed"][:, 1:]  # 9 positions for 9 patches, none for the class token
+    save_file(sd, str(tmp_path / "nec.safetensors"))
+    with pytest.raises(WeightsImportError, match="'pos_embed' has 9 positions.*no_embed_class"):
+        read_source(tmp_path / "nec.safetensors", heads=HEADS)
+
+
 def test_unknown_format_is_named(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
     with pytest.raises(WeightsImportError, match=r"model\.onnx: unknown weights format '\.onnx'"):

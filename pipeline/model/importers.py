@@ -333,11 +333,14 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
         raise WeightsImportError(f"{where}: global_pool {pool!r} (config.json) is not supported; only token and avg")
     prefix = 1 if class_token else 0
     n_pos = src.shape("pos_embed")[1]
-    if class_token and math.isqrt(n_pos) ** 2 == n_pos and math.isqrt(n_pos - 1) ** 2 != n_pos - 1:
-        raise WeightsImportError(f"{where}: key 'pos_embed' has {n_pos} positions, one per patch and none for the "
-                                 "class token (timm's no_embed_class), which our ViT does not support")
     size_hint = (pcfg.get("input_size") or [None])[1:] or None
-    grid = _grid(n_pos - prefix, where, "pos_embed", size_hint, stride)
+    try:
+        grid = _grid(n_pos - prefix, where, "pos_embed", size_hint, stride)
+    except WeightsImportError:
+        if class_token and math.isqrt(n_pos) ** 2 == n_pos:
+            raise WeightsImportError(f"{where}: key 'pos_embed' has {n_pos} positions, one per patch and none for "
+                                     "the class token (timm's no_embed_class), which our ViT does not support") from None
+        raise
     if "head.weight" in src and "pre_logits.fc.weight" not in src:
         num_classes = src.shape("head.weight")[0]
     else:
