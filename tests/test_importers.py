@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.model.importers import WeightsImportError, import_weights, read_source, resolve_init
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import build_model
 from pipeline.model.weights import model_from_pair, read_weights_pair
+from stages import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # max |logit difference|, fp32
@@ -434,11 +436,12 @@ def test_resolve_init_imports_once_per_source_hash(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_init_from_an_npz_trains(tmp_path, digits300):
+    # finetune.init_from as `--init` passes it; the recipe's model.* is not passed, since the
+    # architecture is the checkpoint's (a recipe that sets another one is refused by the stage).
     np.savez(tmp_path / "vit.npz", **npz_arrays())  # 3-channel 12 px, patch 4; digits are 1-channel 8 px
-    assert main(["finetune", str(ROOT / "configs" / "pipeline" / "tiny.yaml"), "tracking.enabled=false",
-                 "finetune.ranks=1", "finetune.steps=2", "finetune.image_size=16",
-                 "--manifest", str(digits300 / "manifest.json"), "--init", str(tmp_path / "vit.npz"),
-                 "--out", str(tmp_path / "run" / "finetune")]) == 0
+    cfg = load_config(ROOT / "configs" / "pipeline" / "tiny.yaml",
+                      ["finetune.ranks=1", "finetune.steps=2", "finetune.image_size=16"])
+    finetune.run(cfg.finetune, digits300 / "manifest.json", tmp_path / "vit.npz", tmp_path / "run" / "finetune")
     imported = list((tmp_path / "run" / "imported").glob("npz-*"))
     assert len(imported) == 1
     _, meta = read_weights_pair(tmp_path / "run" / "finetune")
