@@ -249,7 +249,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialization, data order and augmentation."""
     init_from: Optional[str] = None
-    """Weights pair (model.safetensors) to start from; finetune defaults to the pretrain output."""
+    """Weights pair (model.safetensors) to start from, or a timm/HF/.npz checkpoint (imported once); finetune defaults to the pretrain output."""
     layer_decay: float = 1.0
     """Layer-wise lr decay in (0, 1]: block i trains at lr x layer_decay**(depth - i), the embedding at
     layer_decay**(depth + 1), the final norm and head at lr (1: one rate for all)."""
@@ -568,7 +568,8 @@ def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
         raise ConfigError(f"{prefix}global_pool: 'token' needs class_token=true; set {prefix}global_pool=avg "
                           f"or {prefix}class_token=true")
     if not 0.0 < m.norm_eps < 1e-2:
-        raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; the usual values are 1e-6 or 1e-12")
+        raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; "
+                          "the usual values are 1e-6 or 1e-12")
 
 
 def validate_stem(m: ModelConfig, prefix: str = "model.") -> None:

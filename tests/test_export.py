@@ -21,12 +21,20 @@ IMAGE = 16
 TOLERANCE = ExportConfig().parity_tolerance  # 1e-4: the pipeline's own bar
 
 
-def tiny_vit(in_channels: int, seed: int = 0) -> VisionTransformer:
+def tiny_vit(in_channels: int, seed: int = 0, hybrid: bool = False) -> VisionTransformer:
     torch.manual_seed(seed)
-    return VisionTransformer(
+    # The hybrid: a small-root BiT stem (two bottleneck stages, stride 2) in place of the patch conv.
+    stem = dict(hybrid=True, stem_root="small", stem_stages=[1, 1], stem_width=8) if hybrid else {}
+    model = VisionTransformer(
         image_size=IMAGE, patch_size=4, width=32, depth=2, heads=2, mlp_dim=64,
-        num_classes=10, in_channels=in_channels,
-    ).eval()
+        num_classes=10, in_channels=in_channels, **stem,
+    )
+    if hybrid:  # the zero-initialized last norms would make every bottleneck its shortcut: not a test
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm3.weight"):
+                    p.normal_(1.0, 0.2)
+    return model.eval()
 
 
 def digit_images(n: int, in_channels: int) -> torch.Tensor:
@@ -44,12 +52,13 @@ def digit_images(n: int, in_channels: int) -> torch.Tensor:
     return x.expand(-1, in_channels, -1, -1).contiguous()
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["gray", "rgb"])
+@pytest.fixture(scope="module", params=[(1, False), (3, False), (1, True)], ids=["gray", "rgb", "hybrid"])
 def exported(request, tmp_path_factory):
-    """(model, onnx path, in_channels): one export per channel count, shared by the tests below."""
-    c = request.param
-    model = tiny_vit(c)
-    path = export_onnx(model, tmp_path_factory.mktemp(f"onnx{c}") / "model.onnx", image_size=(IMAGE, IMAGE), in_channels=c)
+    """(model, onnx path, in_channels): one export per channel count and for the hybrid, shared by the tests below."""
+    c, hybrid = request.param
+    model = tiny_vit(c, hybrid=hybrid)
+    out = tmp_path_factory.mktemp(f"onnx{c}{'h' if hybrid else ''}") / "model.onnx"
+    path = export_onnx(model, out, image_size=(IMAGE, IMAGE), in_channels=c)
     return model, path, c
 
 

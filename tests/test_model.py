@@ -326,6 +326,16 @@ def _save(tmp_path, cfg=TINY, image_size=16, num_classes=10, class_names=None, *
     return model, save_weights_pair(tmp_path / "pair", model.state_dict(), meta)
 
 
+def test_hybrid_pair_round_trip(tmp_path):
+    cfg = dataclasses.replace(TINY, **TINY_HYBRID)
+    model, path = _save(tmp_path, cfg=cfg)
+    loaded, meta = model_from_pair(path)
+    assert model_config_from_meta(meta) == cfg and meta["architecture"]["stem_stages"] == [1, 1]
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
 def test_pair_round_trip(tmp_path):
     names = [str(i) for i in range(10)]
     model, path = _save(tmp_path, class_names=names, stage="pretrain", metrics={"val_acc": 0.5})
@@ -355,14 +365,21 @@ def test_bf16_state_dict_saved_as_fp32(tmp_path):
     assert all(v.dtype == torch.float32 for v in sd.values())
 
 
-def test_model_from_pair_at_higher_resolution_resamples_pos_embed(tmp_path):
-    cfg = dataclasses.replace(TINY, pos_embed_interp="bilinear")
+@pytest.mark.parametrize("hybrid", [False, True], ids=["plain", "hybrid"])
+def test_model_from_pair_at_higher_resolution_resamples_pos_embed(tmp_path, hybrid):
+    cfg = dataclasses.replace(TINY, pos_embed_interp="bilinear", **(TINY_HYBRID if hybrid else {}))
     model, path = _save(tmp_path, cfg=cfg, image_size=16)
     big, meta = model_from_pair(path, image_size=24)
-    assert big.grid == (6, 6) and meta["image_size"] == [24, 24] and meta["source_image_size"] == [16, 16]
-    want = resample_pos_embed(model.pos_embed.detach(), (6, 6), (4, 4), mode="bilinear")
+    old, new = ((8, 8), (12, 12)) if hybrid else ((4, 4), (6, 6))  # stem stride 2 vs patch 4
+    assert big.grid == new and meta["image_size"] == [24, 24] and meta["source_image_size"] == [16, 16]
+    want = resample_pos_embed(model.pos_embed.detach(), new, old, mode="bilinear")
     assert torch.equal(big.pos_embed.detach(), want)
     assert torch.equal(big.head.weight, model.head.weight)  # same classes: head kept
+    # Everything but pos_embed carries over unchanged: the stem is convolutional, size-free.
+    small_sd, big_sd = model.state_dict(), big.state_dict()
+    assert all(torch.equal(big_sd[k], v) for k, v in small_sd.items() if k != "pos_embed")
+    with torch.no_grad():
+        assert torch.isfinite(big.eval()(torch.randn(2, 1, 24, 24))).all()
 
 
 def test_model_from_pair_resets_head_when_classes_differ(tmp_path):

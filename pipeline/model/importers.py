@@ -152,7 +152,8 @@ class _Stem:
 def _stem_root(kernel: int, where: str, key: str) -> str:
     # Our two roots: BiT's 7x7 (+ max pool) and the small 3x3 one (no pool); anything else is not ours.
     if kernel not in (7, 3):
-        raise WeightsImportError(f"{where}: key {key!r} is a {kernel}x{kernel} root conv; our stem's root is 7x7 or 3x3")
+        raise WeightsImportError(
+            f"{where}: key {key!r} is a {kernel}x{kernel} root conv; our stem's root is 7x7 or 3x3")
     return "bit" if kernel == 7 else "small"
 
 
@@ -332,11 +333,14 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
         raise WeightsImportError(f"{where}: global_pool {pool!r} (config.json) is not supported; only token and avg")
     prefix = 1 if class_token else 0
     n_pos = src.shape("pos_embed")[1]
-    if class_token and math.isqrt(n_pos) ** 2 == n_pos and math.isqrt(n_pos - 1) ** 2 != n_pos - 1:
-        raise WeightsImportError(f"{where}: key 'pos_embed' has {n_pos} positions, one per patch and none for the "
-                                 "class token (timm's no_embed_class), which our ViT does not support")
     size_hint = (pcfg.get("input_size") or [None])[1:] or None
-    grid = _grid(n_pos - prefix, where, "pos_embed", size_hint, stride)
+    try:
+        grid = _grid(n_pos - prefix, where, "pos_embed", size_hint, stride)
+    except WeightsImportError:
+        if class_token and math.isqrt(n_pos) ** 2 == n_pos:
+            raise WeightsImportError(f"{where}: key 'pos_embed' has {n_pos} positions, one per patch and none for "
+                                     "the class token (timm's no_embed_class), which our ViT does not support") from None
+        raise
     if "head.weight" in src and "pre_logits.fc.weight" not in src:
         num_classes = src.shape("head.weight")[0]
     else:
@@ -374,13 +378,15 @@ def read_timm(path: Path, config: Optional[dict] = None, heads: Optional[int] = 
         **(stem.fields if stem is not None else {"in_channels": c}),
         class_token=class_token, global_pool=pool, fc_norm=fc_norm, norm_eps=1e-6,
         # timm resamples position embeddings bicubically (its checkpoint_filter_fn default).
-        pos_embed_interp="bicubic", **_mean_std(pcfg.get("mean"), pcfg.get("std"), stem.fields["in_channels"] if stem else c),
+        pos_embed_interp="bicubic",
+        **_mean_std(pcfg.get("mean"), pcfg.get("std"), stem.fields["in_channels"] if stem else c),
     )
     names = config.get("label_names") or pcfg.get("label_names")
     return Imported(sd, cfg, (grid[0] * stride, grid[1] * stride), num_classes,
                     list(names) if names and len(names) == num_classes else None,
                     {"ignored_keys": src.ignored, "dropped_keys": dropped,
-                     "mean_std": "config.json" if pcfg.get("mean") else "default 0.5 (no config.json beside the weights)"})
+                     "mean_std": "config.json" if pcfg.get("mean")
+                     else "default 0.5 (no config.json beside the weights)"})
 
 
 def _mean_std(mean: Any, std: Any, channels: int) -> dict:
@@ -641,7 +647,8 @@ def read_npz(path: Path) -> Imported:
         class_token=class_token, global_pool="token" if class_token else "avg", norm_eps=1e-6,
         # The original code resamples position embeddings bilinearly (scipy zoom order 1 in
         # vision_transformer, jax.image.resize "bilinear" in big_vision).
-        pos_embed_interp="bilinear", **_mean_std(None, None, stem.fields["in_channels"] if stem else c),  # inputs scaled to [-1, 1]
+        pos_embed_interp="bilinear",
+        **_mean_std(None, None, stem.fields["in_channels"] if stem else c),  # inputs scaled to [-1, 1]
     )
     return Imported({k: v.contiguous() for k, v in sd.items()}, cfg, (grid[0] * stride, grid[1] * stride), num_classes,
                     None, {"ignored_keys": src.ignored, "dropped_keys": dropped, "layout":
@@ -680,7 +687,8 @@ def detect_format(src: str | Path) -> str:
             return "hf"
         if "architecture" in config:
             return "timm"
-        raise WeightsImportError(f"{cfg_path}: neither a Hugging Face config (model_type) nor a timm one (architecture)")
+        raise WeightsImportError(
+            f"{cfg_path}: neither a Hugging Face config (model_type) nor a timm one (architecture)")
     if src.suffix == ".npz":
         return "npz"
     if src.suffix == ".safetensors" or src.suffix in TORCH_SUFFIXES:

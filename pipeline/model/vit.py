@@ -47,6 +47,19 @@ def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, 
     return total // 2, total - total // 2
 
 
+def _pad_after(x: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    """Append `rows` rows and `cols` columns of `value` at the bottom/right: the odd pixel of 'SAME'.
+
+    Concatenation rather than F.pad: the exporter emits opset-18 Pad, which ONNX cannot convert down
+    to the opset-17 graphs we ship; the symmetric part of the padding goes to the conv/pool itself.
+    """
+    if rows:
+        x = torch.cat([x, torch.full_like(x[..., :rows, :], value)], dim=-2)
+    if cols:
+        x = torch.cat([x, torch.full_like(x[..., :cols], value)], dim=-1)
+    return x
+
+
 class StdConv2d(nn.Conv2d):
     """Weight-standardized convolution (BiT) with 'SAME' padding, no bias.
 
@@ -61,20 +74,24 @@ class StdConv2d(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel, stride, padding=0, dilation=dilation, bias=False)
 
     def standardized_weight(self) -> torch.Tensor:
-        w = self.weight.float()
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return ((w - mean) / (std + WS_EPS)).to(self.weight.dtype)
+        """The kernel with zero mean and unit (population) std per output channel, in the weight's dtype."""
+        w = self.weight.float().flatten(1)  # (out, in * kh * kw)
+        n = w.shape[1]
+        # Sums divided by n, not mean()/std(): those export as ReduceMean, whose axes became an input
+        # only in opset 18, and ONNX's converter cannot lower that to the opset-17 graphs we ship;
+        # ReduceSum has taken axes as an input since opset 13. (The exporter folds all of it into
+        # the Conv's constant kernel anyway.)
+        mean = w.sum(1, keepdim=True) / n
+        centered = w - mean
+        std = (centered.square().sum(1, keepdim=True) / n).sqrt()
+        return (centered / (std + WS_EPS)).reshape(self.weight.shape).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         top, bottom = _same_pad(x.shape[-2], kh, sh, dh)
         left, right = _same_pad(x.shape[-1], kw, sw, dw)
-        w = self.standardized_weight().to(x.dtype)
-        if top == bottom and left == right:  # symmetric: let the conv pad (one op fewer)
-            return F.conv2d(x, w, None, self.stride, (top, left), self.dilation)
-        x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, w, None, self.stride, 0, self.dilation)
+        x = _pad_after(x, bottom - top, right - left)  # 'SAME' puts the odd pixel after
+        return F.conv2d(x, self.standardized_weight().to(x.dtype), None, self.stride, (top, left), self.dilation)
 
 
 class MaxPoolSame(nn.Module):
@@ -87,8 +104,8 @@ class MaxPoolSame(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = _same_pad(x.shape[-2], self.kernel, self.stride, 1)
         left, right = _same_pad(x.shape[-1], self.kernel, self.stride, 1)
-        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-        return F.max_pool2d(x, self.kernel, self.stride)
+        x = _pad_after(x, bottom - top, right - left, float("-inf"))
+        return F.max_pool2d(x, self.kernel, self.stride, (top, left))  # torch pads pools with -inf
 
 
 class Root(nn.Module):

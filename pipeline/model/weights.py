@@ -5,7 +5,7 @@ lives elsewhere. ``model.json`` is written last, so a pair whose json exists is 
 
 model.json keys: "format" ("vitpipe.weights/1"), "architecture" (the ModelConfig fields),
 "image_size" [h, w], "num_classes", "class_names", "mean", "std", "pos_embed_interp", plus any
-extra keys the caller adds (e.g. "stage", "metrics").
+extra keys the caller adds (e.g. "stage", "metrics"; imports add "source": format, path, sha256).
 """
 
 from __future__ import annotations
