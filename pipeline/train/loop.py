@@ -519,6 +519,8 @@ class Trainer:
         self.log(f"step {step}/{self.t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                  f"{ips:.1f} img/s mfu {metrics['mfu']:.2f}")
         self.result.update(train_loss=metrics["loss"], images_per_s=ips, mfu=metrics["mfu"])
+        # The learning rate each param group really stepped with (layer-wise decay shows here).
+        self.result["lr_by_group"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
 
     def finish(self, engine, stream, mix_rng, dtype, global_batch) -> dict | None:
         t, job = self.t, self.job
