@@ -34,8 +34,8 @@ def test_demo_recipe_resolves_base_files_and_overrides():
     assert cfg.name == "demo"
     assert cfg.pretrain.steps == 50 and cfg.model.depth == 2 and cfg.finetune.lr == pytest.approx(3e-3)
     assert cfg.benchmark.batch_sizes == [1, 4]
-    # patch 2 from the vit-ti2 base, a narrower width set in the recipe; from zero2.yaml: stage 2
-    assert (cfg.model.width, cfg.model.heads, cfg.model.mlp_dim, cfg.model.patch_size) == (128, 4, 512, 2)
+    # patch 4 from the vit-ti4 base, a narrower width set in the recipe; from zero2.yaml: stage 2
+    assert (cfg.model.width, cfg.model.heads, cfg.model.mlp_dim, cfg.model.patch_size) == (128, 4, 512, 4)
     assert cfg.pretrain.zero_stage == 2 and cfg.finetune.zero_stage == 2
     # the demo pre-trains at a lower resolution than it fine-tunes, on 28 px images
     assert cfg.pretrain.image_size < cfg.finetune.image_size
@@ -70,8 +70,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["tracking.system_metrics_interval=.inf"], "tracking.system_metrics_interval", "expected a finite number"),
         (["model.hybrid=3"], "model.hybrid", "expected true or false"),
         (["data.source=imagenet"], "data.source", "'mnist5k', 'digits', 'folder'"),
-        (["pretrain.image_size=15"], "pretrain.image_size", "not divisible by the patch size 2"),
-        (["finetune.image_size=27"], "finetune.image_size", "use a multiple of 2"),
+        (["pretrain.image_size=15"], "pretrain.image_size", "not divisible by the patch size 4"),
+        (["finetune.image_size=27"], "finetune.image_size", "use a multiple of 4"),
         (["model.width=100", "model.heads=3"], "model.heads", "width 100 is not divisible by heads 3"),
         (["pretrain.zero_stage=4"], "pretrain.zero_stage", "must be 0, 1, 2 or 3"),
         (["finetune.zero_stage=-1"], "finetune.zero_stage", "must be 0, 1, 2 or 3"),
@@ -97,13 +97,13 @@ def test_bad_config_is_rejected_with_key_and_fix(overrides, key, hint):
 
 
 def test_hybrid_image_size_is_checked_against_stem_stride():
-    small = ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1]"]
-    cfg = load_config(DEMO, small)  # stride 2: 14 and 28 are multiples of it
-    assert cfg.model.effective_patch == 2
-    with pytest.raises(ConfigError, match="pretrain.image_size: 14 is not divisible by the hybrid stem's stride 4"):
-        load_config(DEMO, ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1]"])
-    # The default stem is the paper's R50 (stride 16): too coarse for 14 px digits, and said so.
-    with pytest.raises(ConfigError, match="14 is not divisible by the hybrid stem's stride 16"):
+    small = ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1]"]
+    cfg = load_config(DEMO, small)  # stride 4: the demo's 16 and 28 px are multiples of it
+    assert cfg.model.effective_patch == 4
+    with pytest.raises(ConfigError, match="finetune.image_size: 28 is not divisible by the hybrid stem's stride 8"):
+        load_config(DEMO, ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1, 1]"])
+    # The default stem is the paper's R50 (stride 16): too coarse for 28 px digits, and said so.
+    with pytest.raises(ConfigError, match="28 is not divisible by the hybrid stem's stride 16"):
         load_config(DEMO, ["model.hybrid=true"])
 
 

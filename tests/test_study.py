@@ -72,3 +72,21 @@ def test_bad_seeds_exit_non_zero_before_any_work(tmp_path, capsys):
     assert main(["study", "resolution", "configs/pipeline/tiny.yaml", "--workdir", str(tmp_path / "w"),
                  "--seeds", "0,0"]) == 2
     assert "--seeds" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_run_summary_shows_claim_one_on_the_same_held_out_images():
+    from stages.recipe import summary_table
+
+    base = {"recipe": "demo", "workdir": "runs/demo", "prepare": {"val_samples": 500},
+            "pretrain": {"image_size": 16, "val_accuracy": 0.94, "weights": "runs/demo/pretrain/model.safetensors"}}
+    ft = {"image_size": 28, "val_accuracy_before": 0.402, "val_accuracy": 0.962, "pos_embed_init": "resample",
+          "init_from": "runs/demo/pretrain/model.safetensors"}
+    text = summary_table({**base, "finetune": ft})
+    assert "val accuracy on the same 500 held-out images" in text
+    assert "pre-trained @ 16px (its own resolution)" in text and "0.9400" in text
+    assert "pre-trained @ 28px before fine-tuning (resampled pos-embed)" in text and "0.4020" in text
+    assert "after fine-tuning @ 28px" in text and "+0.0220" in text
+    # A reset head has no "before" figure; another start than this run's pre-training has no gain.
+    text = summary_table({**base, "finetune": {**ft, "val_accuracy_before": None, "pos_embed_init": "reinit",
+                                               "init_from": "/elsewhere/model.safetensors"}})
+    assert "(reinit pos-embed)" in text and "n/a (new head)" in text and "minus" not in text
