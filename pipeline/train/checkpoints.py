@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import write_json
+from pipeline.launch.lifetime import launcher_alive
 
 MARKER = "COMMITTED"
 PREFIX = "step_"
@@ -50,7 +51,10 @@ def latest(root: Path) -> tuple[int, str, dict] | None:
 
 
 def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int, mlflow_run_id: str | None = None) -> None:
-    """Mark `tag` complete (rank 0, after every rank finished writing)."""
+    """Mark `tag` complete (rank 0, after every rank finished writing); never once the launcher is gone."""
+    if not launcher_alive():
+        raise RuntimeError(f"{root / tag}: not committed: the process that launched this rank is gone "
+                           "(the job was killed)")
     info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time(),
             "mlflow_run_id": mlflow_run_id}
     write_json(root / tag / MARKER, info, indent=None)
