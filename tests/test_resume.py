@@ -223,6 +223,29 @@ def test_killed_job_leaves_no_process_running_and_commits_nothing_after(setup, t
     time.sleep(3)
     assert sorted(p.parent.name for p in root.glob("*/COMMITTED")) == markers  # nothing committed after
 
+    # A planted checkpoint in this interrupted run (the newest, with a marker whose digests are
+    # right): resume refuses it by name, and its payload never runs.
+    import torch
+
+    target = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(target)!r}, 'w').write('payload ran')",))
+
+    planted = root / checkpoints.tag_for(99_999)
+    planted.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        torch.save({"module": {}, "client": Payload()}, planted / name)
+    checkpoints.commit(root, planted.name, 99_999, 2, 2)
+    done = subprocess.run(_cli(setup, "killed_job", "pretrain.steps=400", "pretrain.checkpoint_every=2"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (f"{planted}/mp_rank_00_model_states.pt: holds objects a training checkpoint never holds "
+            f"(the global exec); refusing to load step_00099999") in done.stderr, done.stderr[-3000:]
+    assert not target.exists()
+
 
 def test_the_error_names_the_rank_that_died_not_the_survivor(setup, monkeypatch):
     monkeypatch.setenv("VITPIPE_FAULT", "save:2:1")  # rank 1 SIGKILLed as it starts the step-2 checkpoint
