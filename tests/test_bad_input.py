@@ -125,3 +125,27 @@ def test_missing_onnx_for_benchmark(tmp_path):
     proc = vitpipe("benchmark", TINY, "tracking.enabled=false", "--onnx", tmp_path / "none.onnx",
                    "--weights", tmp_path / "none.safetensors", cwd=tmp_path)
     assert proc.returncode == 1 and "none.onnx" in proc.stderr
+
+
+def test_init_weights_are_never_unpickled(tmp_path, prepared):
+    # --init/--weights are read with safetensors, which holds no code: a pickle under that name is
+    # refused by name, and its payload does not run.
+    import pickle
+
+    target = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(target)!r}, 'w').write('payload ran')",))
+
+    pair = tmp_path / "planted"
+    pair.mkdir()
+    (pair / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    meta = weights_meta(ModelConfig(patch_size=2, width=32, depth=1, heads=2, mlp_dim=64, in_channels=1), 14, 10,
+                        [str(i) for i in range(10)])
+    (pair / "model.json").write_text(json.dumps(meta))
+    for command, flag in (("finetune", "--init"), ("export", "--weights")):
+        proc = vitpipe(command, TINY, *DIGITS, "tracking.enabled=false", "--manifest", prepared,
+                       flag, pair / "model.safetensors", "--out", tmp_path / command, cwd=tmp_path)
+        assert proc.returncode == 1 and "planted/model.safetensors: cannot read safetensors" in proc.stderr, proc.stderr
+        assert not target.exists()

@@ -60,10 +60,79 @@ def test_cuda_image_prebuilds_deepspeed_ops_and_runs_unprivileged():
             assert "==" in spec, spec
 
 
-def test_compose_validates_against_the_compose_spec():
-    proc = subprocess.run([venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-                           str(DOCKER / "compose.yaml")], capture_output=True, text=True)
+def check_compose_schema(path: Path) -> None:
+    proc = subprocess.run([venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_validates_against_the_compose_spec():
+    check_compose_schema(DOCKER / "compose.yaml")
+
+
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?|-|\?)(?P<arg>[^}]*))?\}")
+
+
+class MissingVariable(ValueError):
+    """What `docker compose` stops with when a ${VAR:?message} variable is unset or empty."""
+
+
+def render_compose(text: str, env: dict[str, str]) -> dict:
+    """The compose file as `docker compose config` renders it: Compose's interpolation rules for
+    $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message} and ${VAR?message}."""
+    def substitute(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group("name"), m.group("op"), m.group("arg")
+        value = env.get(name)
+        if op == ":?" and not value or op == "?" and value is None:
+            raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+        if op == ":-" and not value or op == "-" and value is None:
+            return arg
+        return value or ""
+
+    return yaml.safe_load(_INTERPOLATION.sub(substitute, text))
+
+
+CREDENTIALS = {"POSTGRES_PASSWORD": "pg-secret", "MINIO_ROOT_USER": "vitpipe", "MINIO_ROOT_PASSWORD": "minio-secret",
+               "MLFLOW_ADMIN_USER": "ops", "MLFLOW_ADMIN_PASSWORD": "mlflow-secret", "MLFLOW_SECRET_KEY": "k" * 32}
+
+
+def test_compose_refuses_to_start_without_each_credential():
+    text = (DOCKER / "compose.yaml").read_text()
+    assert "minioadmin" not in yaml.safe_dump(yaml.safe_load(text))  # no well-known default (comments aside)
+    for name in CREDENTIALS:
+        with pytest.raises(MissingVariable, match=f"required variable {name} is missing a value: set {name}"):
+            render_compose(text, {k: v for k, v in CREDENTIALS.items() if k != name})
+        with pytest.raises(MissingVariable, match=name):
+            render_compose(text, {**CREDENTIALS, name: ""})  # empty counts as unset
+
+
+def test_rendered_compose_is_valid_binds_loopback_and_puts_mlflow_behind_auth(tmp_path):
+    text = (DOCKER / "compose.yaml").read_text()
+    compose = render_compose(text, CREDENTIALS)
+    rendered = tmp_path / "compose.rendered.yaml"
+    rendered.write_text(yaml.safe_dump(compose))
+    check_compose_schema(rendered)
+    services = compose["services"]
+    published = {name: svc.get("ports", []) for name, svc in services.items()}
+    assert published["mlflow"] == ["127.0.0.1:5000:5000"]
+    assert published["minio"] == ["127.0.0.1:9000:9000", "127.0.0.1:9001:9001"]
+    assert published["postgres"] == [] and published["create-bucket"] == []
+    mlflow = services["mlflow"]
+    command = " ".join(mlflow["command"])
+    assert "mlflow server --app-name basic-auth" in command and "default_permission = NO_PERMISSIONS" in command
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == "ops" and env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "mlflow-secret"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "k" * 32
+    assert env["AWS_SECRET_ACCESS_KEY"] == "minio-secret" and services["minio"]["environment"]["MINIO_ROOT_USER"] == "vitpipe"
+    assert env["BACKEND_STORE_URI"] == "postgresql://mlflow:pg-secret@postgres:5432/mlflow"
+    assert "mlflow-secret" not in command  # secrets reach the server through its environment only
+    # Exposing MLflow is a deliberate setting, and it stays behind the login.
+    exposed = render_compose(text, {**CREDENTIALS, "VITPIPE_BIND_ADDRESS": "0.0.0.0"})["services"]
+    assert exposed["mlflow"]["ports"] == ["0.0.0.0:5000:5000"] and "--app-name basic-auth" in " ".join(
+        exposed["mlflow"]["command"])
+    assert exposed["minio"]["ports"] == published["minio"]
 
 
 def test_compose_runs_mlflow_on_postgres_and_minio():

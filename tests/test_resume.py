@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.track import NullTracker
 from pipeline.train import checkpoints
 from pipeline.train.loop import LOSSES_FILE, TrainJob
-from pipeline.train.stage_runner import TrainingPreempted, run_training
+from pipeline.train.stage_runner import TrainingError, TrainingPreempted, run_training
 from stages import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,3 +181,80 @@ def test_rank_killed_while_writing_a_checkpoint_never_uses_it(setup, tmp_path):
     got, ref = losses(setup["work"] / "torn"), setup["ref_losses"]
     assert all(got[s] == ref[s] for s in ref)
 
+
+def test_killed_job_leaves_no_process_running_and_commits_nothing_after(setup, tmp_path):
+    import psutil
+
+    out_dir = setup["work"] / "killed_job"
+    # A long run that commits every 2 steps, started in a process group of its own (as a shell job)
+    proc = subprocess.Popen(_cli(setup, "killed_job", "pretrain.steps=400", "pretrain.checkpoint_every=2"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = out_dir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(checkpoints.committed(root)) < 2:
+        time.sleep(0.05)
+    assert checkpoints.committed(root), "no checkpoint committed"
+    found = _rank_pids(proc.pid, 0) + _rank_pids(proc.pid, 1)  # ranks and their forked loader workers
+    ranks = [pid for pid in found if psutil.Process(pid).ppid() not in found]
+    family = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(ranks) == 2 and len(family) >= 3  # torchrun, two ranks (and their loader workers)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the job: vitpipe and torchrun, not the ranks' sessions
+    proc.wait(timeout=10)
+    killed_at = time.time()
+
+    def running(procs):
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    rank_procs = [psutil.Process(pid) for pid in ranks if psutil.pid_exists(pid)]
+    while time.time() - killed_at < 5 and running(rank_procs):
+        time.sleep(0.05)
+    assert not running(rank_procs), f"ranks survived their launcher: {running(rank_procs)}"
+    while time.time() - killed_at < 10 and running(family):
+        time.sleep(0.05)
+    assert not running(family), f"survived the job: {[(p.pid, p.cmdline()) for p in running(family)]}"
+    markers = sorted(p.parent.name for p in root.glob("*/COMMITTED"))
+    time.sleep(3)
+    assert sorted(p.parent.name for p in root.glob("*/COMMITTED")) == markers  # nothing committed after
+
+    # A planted checkpoint in this interrupted run (the newest, with a marker whose digests are
+    # right): resume refuses it by name, and its payload never runs.
+    import torch
+
+    target = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(target)!r}, 'w').write('payload ran')",))
+
+    planted = root / checkpoints.tag_for(99_999)
+    planted.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        torch.save({"module": {}, "client": Payload()}, planted / name)
+    checkpoints.commit(root, planted.name, 99_999, 2, 2)
+    done = subprocess.run(_cli(setup, "killed_job", "pretrain.steps=400", "pretrain.checkpoint_every=2"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (f"{planted}/mp_rank_00_model_states.pt: holds objects a training checkpoint never holds "
+            f"(the global exec); refusing to load step_00099999") in done.stderr, done.stderr[-3000:]
+    assert not target.exists()
+
+
+def test_the_error_names_the_rank_that_died_not_the_survivor(setup, monkeypatch):
+    monkeypatch.setenv("VITPIPE_FAULT", "save:2:1")  # rank 1 SIGKILLed as it starts the step-2 checkpoint
+    job = setup["job"]("rank_died")
+    job.train = {**job.train, "checkpoint_every": 2, "max_restarts": 0}
+    with pytest.raises(TrainingError) as err:
+        run_training(job, 2, NullTracker())
+    msg = str(err.value)
+    cause = msg.split(";")[0]
+    assert cause == ("pretrain failed: rank 1 died without reporting an error (killed by a signal such as "
+                     "SIGKILL, e.g. by the out-of-memory killer, or crashed)"), msg
+    assert "rank 0" not in cause and str(setup["work"] / "rank_died" / "train.log") in msg

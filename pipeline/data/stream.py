@@ -601,13 +601,16 @@ def _as_is(batch):
 
 
 def _init_worker(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then stops them; and
-    keep freed image buffers for reuse (see pipeline/memory.py; inherited on fork, set again here)."""
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then stops them; die
+    with their rank (not 5 s later, when DataLoader's watchdog would notice); and keep freed image
+    buffers for reuse (see pipeline/memory.py; inherited on fork, set again here)."""
     import signal
 
+    from pipeline.launch.lifetime import die_with_parent
     from pipeline.memory import tune_malloc
 
     tune_malloc()
+    die_with_parent()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

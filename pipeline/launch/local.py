@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.launch.lifetime import die_with_parent
+
 
 class LaunchError(RuntimeError):
     """A training job whose processes did not all finish cleanly."""
@@ -54,7 +56,10 @@ def launch_local(job_path: Path, nprocs: int, log_path: Path, max_restarts: int 
     cmd = torchrun_command(nprocs, job_path, max_restarts)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, env=worker_env(nprocs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # torchrun dies with this process (and each rank with torchrun: pipeline.train.worker), so a
+        # killed vitpipe never leaves ranks training on (pipeline/launch/lifetime.py)
+        proc = subprocess.Popen(cmd, env=worker_env(nprocs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, preexec_fn=die_with_parent)
         # Preemption reaches this process first (Kubernetes signals PID 1, a user presses Ctrl-C):
         # pass it on as SIGTERM, which torchrun forwards to the ranks; they checkpoint and exit.
         forward = lambda signum, frame: proc.send_signal(signal.SIGTERM)  # noqa: E731

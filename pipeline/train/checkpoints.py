@@ -6,21 +6,110 @@ Contract (see also docs/checkpoints.md):
   every rank reaches only when its own files are written, so a rank killed mid-save leaves a
   folder without the marker, which resume never picks and the next save prunes;
 * resume order: this stage's run folder (newest committed) > nothing (start from init/scratch);
-* the last `keep` committed checkpoints are kept.
+* the last `keep` committed checkpoints are kept;
+* the marker records every file's sha256, and nothing of a checkpoint is unpickled before
+  `verify` has checked those digests and read every ``.pt`` file with torch's weights-only
+  unpickler, which admits tensors, containers and the few DeepSpeed/numpy types in
+  `safe_globals()` and refuses anything else (DeepSpeed itself loads with weights_only=False,
+  so a planted checkpoint would otherwise run its payload).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import shutil
 import time
 from pathlib import Path
 
 from pipeline.atomic import write_json
+from pipeline.launch.lifetime import launcher_alive
 
 MARKER = "COMMITTED"
 PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint that must not be loaded: files that differ from its marker's digests, or that
+    hold objects a checkpoint never holds (code that would run on unpickling)."""
+
+
+def safe_globals() -> list:
+    """The non-tensor types DeepSpeed's checkpoints hold (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints): the fp32 loss
+    scaler, the ZeRO stage enum, fragment addresses and numpy arrays (the RNG states we store).
+    None of them runs code when rebuilt: plain attribute dicts, an enum, a namedtuple, arrays."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [LossScaler, ZeroStageEnum, fragment_address, reconstruct, np.ndarray, np.dtype,
+            *{type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "bool", "uint8")}]
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative POSIX path -> hex), the marker excepted."""
+    out = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MARKER):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[path.relative_to(folder).as_posix()] = h.hexdigest()
+    return out
+
+
+def _unpickling_reason(message: str) -> str:
+    """The line of torch's weights-only error that says what was refused (it opens with advice)."""
+    import re
+
+    if found := re.search(r"Unsupported global: GLOBAL (\S+)", message):
+        return f"the global {found.group(1)}"
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return message.strip().splitlines()[0] if message.strip() else ""
+
+
+def verify(root: Path, tag: str) -> None:
+    """Raise `UnsafeCheckpoint` naming the file unless `tag` is exactly what its marker recorded
+    and every .pt file in it unpickles with the weights-only unpickler (nothing else loads it first)."""
+    import torch
+
+    folder = Path(root) / tag
+    try:
+        recorded = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict) or not recorded:
+        raise UnsafeCheckpoint(f"{folder}: its {MARKER} marker records no file digests, so it was not committed by "
+                               "this vitpipe; refusing to load it (delete it to resume from an older checkpoint, "
+                               "or rerun with --force to start over)")
+    actual = file_digests(folder)
+    for name in sorted(set(recorded) | set(actual)):
+        if name not in actual:
+            raise UnsafeCheckpoint(f"{folder / name}: listed in {MARKER} but missing; refusing to load {tag}")
+        if name not in recorded:
+            raise UnsafeCheckpoint(f"{folder / name}: not part of the committed checkpoint (not in {MARKER}); "
+                                   f"refusing to load {tag}")
+        if actual[name] != recorded[name]:
+            raise UnsafeCheckpoint(f"{folder / name}: sha256 differs from the one recorded at commit; "
+                                   f"refusing to load {tag}")
+    allowed = safe_globals()
+    for name in actual:
+        if not name.endswith(".pt"):
+            continue
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(folder / name, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+            reason = _unpickling_reason(str(e)) or type(e).__name__
+            raise UnsafeCheckpoint(f"{folder / name}: holds objects a training checkpoint never holds ({reason}); "
+                                   f"refusing to load {tag}: it may run code") from None
 
 
 def tag_for(step: int) -> str:
@@ -50,9 +139,12 @@ def latest(root: Path) -> tuple[int, str, dict] | None:
 
 
 def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int, mlflow_run_id: str | None = None) -> None:
-    """Mark `tag` complete (rank 0, after every rank finished writing)."""
+    """Mark `tag` complete (rank 0, after every rank finished writing); never once the launcher is gone."""
+    if not launcher_alive():
+        raise RuntimeError(f"{root / tag}: not committed: the process that launched this rank is gone "
+                           "(the job was killed)")
     info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time(),
-            "mlflow_run_id": mlflow_run_id}
+            "mlflow_run_id": mlflow_run_id, "files": file_digests(root / tag)}
     write_json(root / tag / MARKER, info, indent=None)
 
 
@@ -79,7 +171,9 @@ def to_universal(root: Path, tag: str) -> str:
 
     out = f"{tag}{UNIVERSAL_SUFFIX}"
     if (root / out / MARKER).is_file():
+        verify(root, out)  # a conversion found on disk is loaded only if it is ours, unchanged
         return out
+    verify(root, tag)  # ds_to_universal unpickles with weights_only=False
     shutil.rmtree(root / out, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                            str(root / tag), "--output_folder", str(root / out), "--inject_missing_state"],
@@ -87,5 +181,5 @@ def to_universal(root: Path, tag: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"{root / tag}: conversion to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
                            f"{proc.stderr[-2000:]}")
-    (root / out / MARKER).write_text(json.dumps({"converted_from": tag}))
+    write_json(root / out / MARKER, {"converted_from": tag, "files": file_digests(root / out)}, indent=None)
     return out

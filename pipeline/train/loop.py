@@ -335,6 +335,8 @@ class Trainer:
     def find_resume(self) -> tuple[int, str, dict] | None:
         """The checkpoint to resume from, converted to a universal checkpoint if the rank count changed."""
         found = checkpoints.latest(self.ckpt_root) if self.t.resume == "auto" else None
+        if found:
+            checkpoints.verify(self.ckpt_root, found[1])  # digests and weights-only, before DeepSpeed unpickles
         if found and found[2]["world_size"] != self.world:
             step, tag, info = found
             if info["zero_stage"] == 0:  # nothing is partitioned: every rank's files hold the full state

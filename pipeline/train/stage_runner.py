@@ -10,6 +10,7 @@ from pipeline.track import MLflowTracker, Tracker, continue_previous_run
 from pipeline.train import checkpoints
 from pipeline.train.loop import PREEMPTED_FILE, RESULT_FILE, TrainJob
 from pipeline.train.preemption import REQUEUE_EXIT
+from pipeline.train.worker import ERROR_PREFIX, EXIT_PREFIX
 
 
 class TrainingError(RuntimeError):
@@ -35,7 +36,7 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
         job.system_metrics_interval = tracker.system_metrics_interval
     job_path = out_dir / "job.json"
     job.save(job_path)
-    for stale in [*out_dir.glob("error-rank*.txt"), out_dir / PREEMPTED_FILE]:
+    for stale in [*out_dir.glob(f"{ERROR_PREFIX}*.txt"), *out_dir.glob(f"{EXIT_PREFIX}*.txt"), out_dir / PREEMPTED_FILE]:
         stale.unlink(missing_ok=True)
     try:
         launch_local(job_path, nprocs, out_dir / "train.log", int(job.train.get("max_restarts", 0)))
@@ -43,15 +44,34 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
         if e.exit_code == REQUEUE_EXIT or (out_dir / PREEMPTED_FILE).is_file():
             raise TrainingPreempted(f"{job.stage} stopped on request after committing a checkpoint in "
                                     f"{out_dir / 'checkpoints'}; run the same command again to resume") from None
-        errors = sorted(out_dir.glob("error-rank*.txt"))
-        if errors:
-            first = errors[0].read_text().strip()
-            raise TrainingError(f"{job.stage} failed on {errors[0].stem.split('-')[-1]}: {first} (log: {out_dir / 'train.log'})") from None
-        raise TrainingError(f"{job.stage} failed: {e}") from None
+        raise TrainingError(failure_message(job.stage, out_dir, nprocs, str(e))) from None
     result_path = out_dir / RESULT_FILE
     if not result_path.is_file():
         raise TrainingError(f"{job.stage}: ranks exited cleanly but {result_path} was not written")
     return json.loads(result_path.read_text())
+
+
+def failure_message(stage: str, out_dir: Path, nprocs: int, launch_error: str) -> str:
+    """What failed, naming the rank that died first, not a survivor that then lost its peer.
+
+    A rank that was killed (SIGKILL, the OOM killer, a crash) writes nothing, so it is the one
+    without an exit file while others have theirs; otherwise the earliest error written is the
+    cause (the peers' "connection closed" errors come after it)."""
+    log = out_dir / "train.log"
+    ended = {int(p.stem[len(EXIT_PREFIX):]) for p in out_dir.glob(f"{EXIT_PREFIX}*.txt") if p.stem[len(EXIT_PREFIX):].isdigit()}
+    errors = sorted(out_dir.glob(f"{ERROR_PREFIX}*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    killed = [r for r in range(nprocs) if r not in ended]
+    if ended and killed:  # some ranks ran and ended; these did not end by any path Python sees
+        who = ", ".join(f"rank {r}" for r in killed)
+        then = ""
+        if errors:
+            then = f"; then rank {errors[0].stem[len(ERROR_PREFIX):]} failed: {errors[0].read_text().strip()}"
+        return (f"{stage} failed: {who} died without reporting an error (killed by a signal such as SIGKILL, "
+                f"e.g. by the out-of-memory killer, or crashed){then} (log: {log})")
+    if errors:
+        rank = errors[0].stem[len(ERROR_PREFIX):]
+        return f"{stage} failed on rank {rank}: {errors[0].read_text().strip()} (log: {log})"
+    return f"{stage} failed: {launch_error}"
 
 
 def run_training_stage(job: TrainJob, nprocs: int, tracker: Tracker, params: dict) -> dict:

@@ -1,7 +1,8 @@
 """Entry point of one training rank: ``python -m pipeline.train.worker --job job.json``.
 
 Started by a launcher (torchrun locally or on each node). A failure is written to
-``<out_dir>/error-rank<r>.txt`` so the launching process can report one clear message.
+``<out_dir>/error-rank<r>.txt`` so the launching process can report one clear message; any exit
+that Python sees leaves ``exit-rank<r>.txt``, so a rank without one was killed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
+ERROR_PREFIX = "error-rank"  # <out_dir>/error-rank<r>.txt: the exception that ended rank r
+EXIT_PREFIX = "exit-rank"  # <out_dir>/exit-rank<r>.txt: rank r ended by a Python path (not killed)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job file given on the command line as this process's rank."""
@@ -19,20 +23,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True, help="job JSON written by the stage")
     args = parser.parse_args(argv)
 
+    from pipeline.launch.lifetime import die_with_parent
     from pipeline.memory import tune_malloc
+
+    # torchrun starts ranks in sessions of their own: without this a killed job's ranks train on
+    die_with_parent()
     from pipeline.train.loop import TrainJob, run_job
 
     tune_malloc()  # usually inherited from the launcher's environment; a rank started by hand gets it too
 
     job = TrainJob.load(args.job)
     rank = os.environ.get("RANK", "0")
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A rank that ends by any Python path (success, error, preemption) leaves exit-rank<r>.txt; one
+    # killed by a signal (SIGKILL, the OOM killer) or crashing leaves none: that is how the stage
+    # names the rank that died rather than the survivors that lost their peer (stage_runner).
+    exit_file = out_dir / f"{EXIT_PREFIX}{rank}.txt"
+    exit_file.unlink(missing_ok=True)  # from an earlier attempt (torchrun --max-restarts)
+    status = "stopped"  # SystemExit (a preemption checkpoint) or KeyboardInterrupt
     try:
         run_job(job)
+        status = "ok"
     except Exception as e:  # report, then fail the process so the launcher stops every rank
-        Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(job.out_dir) / f"error-rank{rank}.txt").write_text(f"{type(e).__name__}: {e}\n")
+        status = "error"
+        (out_dir / f"{ERROR_PREFIX}{rank}.txt").write_text(f"{type(e).__name__}: {e}\n")
         traceback.print_exc()
         return 1
+    finally:
+        exit_file.write_text(status + "\n")
     return 0
 
 
