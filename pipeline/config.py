@@ -114,7 +114,7 @@ def finetune_model_config(weights: ModelConfig, recipe: ModelConfig, source: str
         name = f.name
         if name == "variant" or name in FINETUNE_MODEL_FIELDS or name not in given:
             continue  # a variant is only a name for its fields, which are compared one by one
-        if name in ("stem_channels", "stem_stride") and not weights.hybrid and not recipe.hybrid:
+        if name.startswith("stem_") and not weights.hybrid and not recipe.hybrid:
             continue  # no stem on either side: its settings mean nothing
         if name == "patch_size" and weights.hybrid and recipe.hybrid:
             continue  # the hybrid's tokens are the stem's pixels

@@ -29,14 +29,15 @@ BIAS_FEATURE = 100.0  # big_vision's constant: a bias column of 100 makes its pe
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, manifest: Manifest, split: str, *, batch_size: int = 128,
                      mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, labels (N,)) of every image of `split`: the class token before the head."""
+    """(features (N, D) float32, labels (N,)) of every image of `split`: what the head sees (the class
+    token's output, or the pooled patch tokens of a model without one), before the head."""
     model.eval()
     h, _ = model.image_size
     feats, labels = [], []
     for images, y, mask in eval_batches(manifest, split, image_size=h, in_channels=model.in_channels, mean=mean,
                                         std=std, batch_size=batch_size, rank=0, world_size=1):
-        tokens = model.forward_features(images)  # (B, 1+N, D)
-        feats.append(tokens[:, 0][mask].float().numpy())
+        pooled = model.pool(model.forward_features(images))  # (B, D)
+        feats.append(pooled[mask].float().numpy())
         labels.append(y[mask].numpy())
     if not feats:
         raise ValueError(f"the {split} split is empty: few-shot evaluation needs images in it")
