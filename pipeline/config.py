@@ -162,6 +162,8 @@ class DataConfig:
     """Processes that encode and write shards in parallel (0: all cores); the output is the same for any count."""
     output: Optional[str] = None
     """Where prepare writes: a local folder or s3://bucket/prefix (AWS_* env vars, AWS_ENDPOINT_URL); null: the stage's --out folder."""
+    max_corrupt_fraction: float = 0.0
+    """Source images that cannot be read are skipped and listed (manifest and log) up to this fraction of the source; one more stops prepare (0: any stops it)."""
 
 
 @dataclass
@@ -692,6 +694,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.resize_shorter_side: must be >= 1 or null, got {d.resize_shorter_side}")
     if d.workers < 0:
         raise ConfigError(f"data.workers: must be >= 0 (0: all cores), got {d.workers}")
+    if not 0.0 <= d.max_corrupt_fraction < 1.0:
+        raise ConfigError(f"data.max_corrupt_fraction: must be in [0, 1), e.g. 0.001 to skip up to 1 image in "
+                          f"1000, got {d.max_corrupt_fraction}")
     if d.output is not None and "://" in d.output and not d.output.startswith("s3://"):
         raise ConfigError(f"data.output: {d.output!r}: use a local folder or s3://bucket/prefix")
     if cfg.export.parity_tolerance <= 0 or cfg.export.parity_images < 1:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data.manifest import prepare_dataset
+from pipeline.data.manifest import MANIFEST_NAME, prepare_dataset
 from pipeline.data.sources import source_identity
 from pipeline.track import NullTracker, Tracker
 from stages import record
@@ -33,7 +33,8 @@ def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, f
     if not force and (done := record.completed(out_dir, fp)):
         print(f"[prepare] up to date: {done['manifest']}")
         return done
-    record.begin(out_dir, fp)
+    # the previous dataset stays until prepare_dataset swaps in a complete new one
+    record.begin(out_dir, fp, keep=frozenset({MANIFEST_NAME, "shards"}))
     tracker.log_params({"data": dataclasses.asdict(data)})
     # data.output (a folder or s3://bucket/prefix) overrides --out for the dataset itself;
     # the stage's record stays in out_dir
@@ -53,12 +54,16 @@ def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, f
         "val_shards": len(splits["val"]["shards"]),
         "num_classes": len(info["class_names"]),
         "image_size": info["image_size"],
+        "skipped": len(info.get("skipped", [])),
     }
+    for s in info.get("skipped", []):  # every skipped file, in the log as in the manifest
+        print(f"[prepare] skipped {s['path'] or s['key']} ({s['split']}): {s['reason']}")
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int)})
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(manifest_path, Path):
         tracker.log_artifact(manifest_path)
     record.finish(out_dir, "prepare", fp, [manifest_path] if isinstance(manifest_path, Path) else [], result)
+    skipped = f", {result['skipped']} unreadable image(s) skipped (listed in the manifest)" if result["skipped"] else ""
     print(f"[prepare] {result['train_samples']} train / {result['val_samples']} val images in "
-          f"{result['train_shards'] + result['val_shards']} shards -> {manifest_path}")
+          f"{result['train_shards'] + result['val_shards']} shards{skipped} -> {manifest_path}")
     return result

@@ -157,7 +157,7 @@ def _committed(ckpt_root: Path) -> list[tuple[int, str, dict]]:
 
 
 def begin(out_dir: Path, fp: str, resume: bool = True, stage_settings: dict | None = None,
-          stage: str = "stage") -> None:
+          stage: str = "stage", keep: frozenset[str] = frozenset()) -> None:
     """Start (or restart) a stage: drop the old record and outputs first, so a crash never leaves
     something that looks complete.
 
@@ -165,7 +165,8 @@ def begin(out_dir: Path, fp: str, resume: bool = True, stage_settings: dict | No
     were written for the same settings, or for settings they can continue under (more steps), and
     says so; when other settings changed it refuses, naming each change and the two ways out,
     rather than throwing checkpoints away. With ``resume=False`` (``--force``) it deletes them,
-    after saying how many and which. Nothing committed is ever deleted silently."""
+    after saying how many and which. Nothing committed is ever deleted silently. Entries named in
+    `keep` stay until the stage replaces them itself (prepare swaps in a complete new dataset)."""
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     found = _committed(ckpt_root) if stage_settings is not None else []
@@ -203,7 +204,7 @@ def begin(out_dir: Path, fp: str, resume: bool = True, stage_settings: dict | No
         keep_ckpt = resume and ckpt_fp.is_file() and ckpt_fp.read_text().strip() == fp
     if out_dir.exists():
         for child in out_dir.iterdir():
-            if (keep_ckpt and child.name in RESUMABLE) or child.name == LOCK_NAME:  # held by this run
+            if (keep_ckpt and child.name in RESUMABLE) or child.name in keep or child.name == LOCK_NAME:
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)

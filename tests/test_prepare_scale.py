@@ -21,6 +21,8 @@ from pipeline.data.manifest import DataError, load_manifest, prepare_dataset, ve
 from pipeline.data.shards import StoredSample, plan_shards, tar_size
 from pipeline.data.sources import load_source
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -313,6 +315,52 @@ def test_verify_finds_a_corrupt_image_member(dataset, capsys):
     key = tar_members(dataset / "shards" / "val-000000.tar")
     bad = [n for n in key if n.endswith(".png")][2].split(".")[0]
     assert code == 1 and f"FAIL shards/val-000000.tar: sample '{bad}': .png does not decode" in out
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (400 million for 20000) in about 50 KB: the
+    decompression bomb PIL refuses from its header (over twice Image.MAX_IMAGE_PIXELS)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    pixels = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_verify_reports_a_decompression_bomb_as_a_problem(dataset, capsys):
+    bomb = png_bomb()
+    assert len(bomb) < 200_000
+    swapped = {}
+
+    def plant(members):
+        index = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".png"))
+        swapped["key"] = members[index][0].name.split(".")[0]
+        members[index] = (members[index][0], bomb)
+        return members
+
+    rewrite_shard(dataset, "shards/train-000001.tar", plant)
+    code, out = verify(dataset, capsys)
+    assert code == 1 and f"FAIL shards/train-000001.tar: sample '{swapped['key']}': .png is a decompression bomb" in out
+    assert "400000000 pixels" in out and "1 problem(s) in 1 shard(s)" in out
+
+
+def test_prepare_of_a_folder_holding_a_bomb_names_the_file(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    for label, s in enumerate(load_source(DataConfig(source="digits", limit=6)).samples[:6]):
+        (root / f"c{label % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(s.array).save(root / f"c{label % 2}" / f"{s.key}.png")
+    (root / "c1" / "huge.png").write_bytes(png_bomb())
+    code = main(["prepare", str(ROOT / "configs" / "pipeline" / "tiny.yaml"), "data.source=folder", f"data.root={root}",
+                 "data.workers=1", "tracking.enabled=false", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{root / 'c1' / 'huge.png'}: refused as a decompression bomb" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_verify_finds_a_missing_cls_member(dataset, capsys):

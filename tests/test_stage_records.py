@@ -228,3 +228,41 @@ def test_a_second_writer_of_a_folder_refuses_naming_the_holder(tmp_path, capsys)
             FolderLock(work).acquire()  # another handle in this very process is refused too
     with FolderLock(work, "test"):  # released cleanly: nothing to take over
         assert capsys.readouterr().err == ""
+
+
+def test_prepare_skips_lists_and_limits_unreadable_images_and_keeps_the_old_dataset(tmp_path, capsys):
+    from pipeline.data.manifest import DataError, load_manifest, verify_manifest
+
+    src = digit_folder(tmp_path / "src")  # 18 readable images
+    (src / "d0" / "broken.png").write_bytes(b"this is not a png")
+    good = sorted((src / "d1").glob("*.png"))[0].read_bytes()
+    (src / "d1" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated
+    out = tmp_path / "prep"
+    data = DataConfig(source="folder", root=str(src), val_fraction=0.2, shard_max_samples=8, workers=1,
+                      max_corrupt_fraction=0.15)  # up to 3 of 20
+    result = prepare.run(data, out)
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert result["skipped"] == 2 and result["train_samples"] + result["val_samples"] == 18
+    skipped = {Path(s["path"]).name: s for s in manifest["skipped"]}
+    assert set(skipped) == {"broken.png", "cut.png"}
+    assert all(s["reason"].startswith("not a readable image") and s["split"] in ("train", "val")
+               for s in skipped.values())
+    for name in ("broken.png", "cut.png"):
+        assert f"[prepare] skipped {src / ('d0' if name == 'broken.png' else 'd1') / name}" in printed
+    assert "2 unreadable image(s) skipped" in printed
+    m = load_manifest(out)
+    verify_manifest(m)
+    assert m.num_samples("train") + m.num_samples("val") == 18
+    before = (out / "manifest.json").read_bytes()
+
+    # Over the limit: a clear error naming the files; the previous dataset is still there, intact.
+    with pytest.raises(DataError) as err:
+        prepare.run(dataclasses.replace(data, max_corrupt_fraction=0.05), out, force=True)
+    msg = str(err.value)
+    assert f"{src / 'd0' / 'broken.png'}: not a readable image" in msg and "cut.png" in msg
+    assert "2 of 20 images could not be read, more than data.max_corrupt_fraction allows (1)" in msg
+    assert (out / "manifest.json").read_bytes() == before
+    verify_manifest(load_manifest(out))  # its shards too
+    assert not (out / "stage.json").exists()  # but the stage is not complete
+    assert not list(out.glob(".prepare-staging-*"))

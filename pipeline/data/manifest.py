@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 import urllib.parse
 from dataclasses import dataclass
@@ -409,6 +410,25 @@ def _created() -> str:
     return when.isoformat(timespec="seconds")
 
 
+_STAGING_PREFIX = ".prepare-staging-"
+
+
+def _swap_in(staging: Path, final: Path) -> Path:
+    """Replace final's shards/ and manifest with the complete ones in `staging`; the new manifest.
+
+    The old manifest goes first, so at no moment does a manifest describe shards it did not list:
+    for the instant of two renames there is none, then the new one."""
+    (final / MANIFEST_NAME).unlink(missing_ok=True)
+    old = final / f"{_STAGING_PREFIX}old-{os.getpid()}"
+    if (final / "shards").exists():
+        os.replace(final / "shards", old)
+    os.replace(staging / "shards", final / "shards")
+    os.replace(staging / MANIFEST_NAME, final / MANIFEST_NAME)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final / MANIFEST_NAME
+
+
 def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path | str:
     """Load `cfg`'s source, split it, write train/val shards in parallel, then the manifest.
 
@@ -423,26 +443,35 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path | str:
     from pipeline.data.storage import OutputTarget
 
     target = OutputTarget.parse(out_dir)
-    if not target.is_s3:
-        Path(target.local).mkdir(parents=True, exist_ok=True)
-    # drop the old manifest first: while shards are rewritten nothing may look complete
-    target.delete(MANIFEST_NAME)
     source = load_source(cfg, lazy=True)
     if not source.samples:
         raise DataError(f"data.source {cfg.source}: the dataset is empty (after limit={cfg.limit})")
     train, val = split_train_val(source.samples, cfg.val_fraction, cfg.seed)
-    written = write_dataset_shards(
-        {"train": train, "val": val},
-        target,
-        max_samples=cfg.shard_max_samples,
-        max_bytes=cfg.shard_max_bytes,
-        options=EncodeOptions(cfg.image_format, cfg.resize_shorter_side),
-        workers=cfg.workers,
-    )
+    shard_options = dict(max_samples=cfg.shard_max_samples, max_bytes=cfg.shard_max_bytes,
+                         options=EncodeOptions(cfg.image_format, cfg.resize_shorter_side), workers=cfg.workers,
+                         max_corrupt_fraction=cfg.max_corrupt_fraction)
+    if target.is_s3:
+        # drop the old manifest first: while shards are rewritten nothing may look complete
+        target.delete(MANIFEST_NAME)
+        written = write_dataset_shards({"train": train, "val": val}, target, **shard_options)
+        staging = None
+    else:
+        # A local dataset is built beside the old one and swapped in once complete: the previous
+        # manifest and its shards stay usable until then (a failed or interrupted rerun keeps them).
+        final = Path(target.local)
+        final.mkdir(parents=True, exist_ok=True)
+        for stale in final.glob(f"{_STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the stage lock keeps one writer)
+        staging = final / f"{_STAGING_PREFIX}{os.getpid()}"
+        try:
+            written = write_dataset_shards({"train": train, "val": val}, OutputTarget.parse(staging), **shard_options)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the previous dataset is untouched
+            raise
     geometry = set().union(*(w.geometry for w in written.values()))  # of the stored (resized) images
     sizes = {(h, w) for h, w, _ in geometry}
-    splits = {name: {"samples": len(samples), "shards": written[name].records}
-              for name, samples in (("train", train), ("val", val))}
+    splits = {name: {"samples": written[name].samples, "shards": written[name].records} for name in ("train", "val")}
+    skipped = [s.to_dict(name) for name in ("train", "val") for s in written[name].skipped]
     info = {
         "format": MANIFEST_FORMAT,
         "source": cfg.source,
@@ -457,10 +486,13 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path | str:
         "shard_max_bytes": cfg.shard_max_bytes,
         "resize_shorter_side": cfg.resize_shorter_side,
         "splits": splits,
+        "max_corrupt_fraction": cfg.max_corrupt_fraction,
+        "skipped": skipped,
         "created": _created(),
     }
-    if not target.is_s3:
-        return write_manifest(target.local, info)
+    if staging is not None:
+        write_manifest(staging, info)  # checked against the schema before anything is swapped
+        return _swap_in(staging, Path(target.local))
     _check_schema(info, Path(MANIFEST_NAME))
     target.put_bytes((json.dumps(info, indent=2) + "\n").encode(), MANIFEST_NAME)  # last
     return target.location(MANIFEST_NAME)

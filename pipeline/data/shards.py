@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import tarfile
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Sequence
@@ -188,14 +189,35 @@ def encode_sample_image(sample: Sample, image_format: str, resize_shorter_side: 
     return ext, data
 
 
-def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> list[StoredSample]:
-    """Pool task: encode one chunk; re-encoded bytes go to <spool_dir>/chunk-<index>.bin."""
+@dataclass
+class SkippedSample:
+    """A source image that could not be stored (unreadable, truncated, a decompression bomb)."""
+
+    key: str
+    path: str | None
+    reason: str
+
+    def to_dict(self, split: str) -> dict:
+        return {"split": split, "key": self.key, "path": self.path, "reason": self.reason}
+
+
+def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> tuple[list[StoredSample], list[SkippedSample]]:
+    """Pool task: encode one chunk; re-encoded bytes go to <spool_dir>/chunk-<index>.bin. Images
+    that cannot be read come back as skipped, with the reason; the caller applies the limit."""
     index, samples, options, spool_dir = task
     spool = Path(spool_dir) / f"chunk-{index:09d}.bin"
     out: list[StoredSample] = []
+    skipped: list[SkippedSample] = []
     with open(spool, "wb") as f:
         for sample in samples:
-            ext, data, (h, w, c), kept = store_image(sample, options)
+            try:
+                ext, data, (h, w, c), kept = store_image(sample, options)
+            except DataError as e:  # read_image_file's verdict on a file (it names the file)
+                reason = str(e)
+                if sample.path is not None and reason.startswith(f"{sample.path}: "):
+                    reason = reason[len(sample.path) + 2:]
+                skipped.append(SkippedSample(sample.key, sample.path, reason))
+                continue
             record = StoredSample(sample.key, sample.label, ext, len(data), h, w, c)
             if kept and sample.path is not None:
                 record.path = sample.path
@@ -203,7 +225,7 @@ def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> list[St
                 record.spool, record.offset = str(spool), f.tell()
                 f.write(data)
             out.append(record)
-    return out
+    return out, skipped
 
 
 # --------------------------------------------------------------------------- planning and writing
@@ -312,6 +334,12 @@ class SplitShards:
 
     records: list[dict]
     geometry: set[tuple[int, int, int]]
+    skipped: list[SkippedSample] = field(default_factory=list)
+    """Images of this split that could not be read (within `max_corrupt_fraction`), in order."""
+
+    @property
+    def samples(self) -> int:
+        return sum(r["samples"] for r in self.records)
 
 
 class _InProcess:
@@ -338,11 +366,14 @@ def write_dataset_shards(
     options: EncodeOptions = EncodeOptions(),
     workers: int = 0,
     folder: str = "shards",
+    max_corrupt_fraction: float = 0.0,
 ) -> dict[str, SplitShards]:
     """Encode and write every split's shards as `<folder>/<split>-%06d.tar` under `target`.
 
     `workers` processes (0: all cores; 1: in this process) share both passes; the bytes written
     do not depend on it. Shards of a split left over from an earlier, larger run are removed.
+    Images that cannot be read are skipped and listed in each split's `skipped`, up to
+    `max_corrupt_fraction` of all samples; one more is a `DataError` listing them (at 0, the first).
     """
     if options.image_format not in IMAGE_SUFFIXES:
         raise DataError(f"data.image_format: must be one of {IMAGE_SUFFIXES}, got {options.image_format!r}")
@@ -372,8 +403,9 @@ def write_dataset_shards(
             if pool_size > 1 else _InProcess()
         )
         try:
+            limit = math.floor(max_corrupt_fraction * sum(len(v) for v in splits.values()))
             results = _encode_and_write(executor, chunks, splits, options, scratch, target, folder,
-                                        max_samples, max_bytes, window=2 * pool_size)
+                                        max_samples, max_bytes, window=2 * pool_size, corrupt_limit=limit)
         finally:
             executor.shutdown(cancel_futures=True)
     for split, result in results.items():
@@ -383,7 +415,7 @@ def write_dataset_shards(
 
 def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptions, scratch: str,
                       target: OutputTarget, folder: str, max_samples: int, max_bytes: int | None,
-                      window: int) -> dict[str, SplitShards]:
+                      window: int, corrupt_limit: int = 0) -> dict[str, SplitShards]:
     """Both passes, overlapped: chunks are encoded `window` at a time, in order; each shard is
     planned and handed to a worker to write as soon as its last sample is encoded, so writing runs
     alongside the encoding of later chunks instead of after all of it."""
@@ -404,9 +436,14 @@ def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptio
         name = f"{folder}/{shard_name(split, len(writes[split]))}"
         writes[split].append(executor.submit(_write_shard, (name, shard, scratch, target)))
 
+    skipped: dict[str, list[SkippedSample]] = {split: [] for split in splits}
+    total = sum(len(v) for v in splits.values())
     keep_encoding()
     for i, (split, _, _) in enumerate(chunks):
-        records = pending.popleft().result()  # chunks come back in order, whoever encoded them
+        records, bad = pending.popleft().result()  # chunks come back in order, whoever encoded them
+        skipped[split].extend(bad)
+        if (n_bad := sum(map(len, skipped.values()))) > corrupt_limit:
+            raise DataError(_too_many_corrupt(skipped, n_bad, total, corrupt_limit))
         keep_encoding()
         for record in records:
             geometry[split].add((record.height, record.width, record.channels))
@@ -415,7 +452,16 @@ def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptio
         if i + 1 == len(chunks) or chunks[i + 1][0] != split:  # the split's last chunk
             if last := planners[split].finish():
                 write(split, last)
-    return {split: SplitShards([f.result() for f in writes[split]], geometry[split]) for split in splits}
+    return {split: SplitShards([f.result() for f in writes[split]], geometry[split], skipped[split])
+            for split in splits}
+
+
+def _too_many_corrupt(skipped: dict[str, list[SkippedSample]], count: int, total: int, limit: int) -> str:
+    listed = [s for split in skipped.values() for s in split]
+    shown = "; ".join(f"{s.path or s.key}: {s.reason}" for s in listed[:10])
+    more = f"; and {len(listed) - 10} more" if len(listed) > 10 else ""
+    return (f"{shown}{more} -- {count} of {total} images could not be read, more than data.max_corrupt_fraction "
+            f"allows ({limit}); fix or remove them, or raise data.max_corrupt_fraction to skip them")
 
 
 def write_shards(

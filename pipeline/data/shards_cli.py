@@ -109,6 +109,8 @@ def _check_sample(scan: ShardScan, manifest: Manifest, key: str, parts: dict[str
                 scan.sizes[im.size] += 1
                 if decode:
                     im.load()
+        except Image.DecompressionBombError as e:  # refused before any pixel is decoded
+            problems.append(f"{where}: sample {key!r}: .{image_ext} is a decompression bomb ({e})")
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(f"{where}: sample {key!r}: .{image_ext} does not decode ({e})")
     return problems

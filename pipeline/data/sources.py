@@ -187,6 +187,8 @@ def read_image_file(path: Path) -> bytes:
             im.verify()  # structural check (chunk CRCs); it leaves the image unusable, so reopen
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # catches truncated pixel data that verify() does not look at
+    except Image.DecompressionBombError as e:  # PIL refuses it from the header, before decoding
+        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
     except OSError as e:  # PIL's UnidentifiedImageError and decoder errors are OSErrors
         raise DataError(f"{path}: not a readable image ({e})") from None
     except (SyntaxError, ValueError) as e:  # some PIL plugins report broken files this way

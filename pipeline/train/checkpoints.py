@@ -38,16 +38,17 @@ class UnsafeCheckpoint(RuntimeError):
 
 def safe_globals() -> list:
     """The non-tensor types DeepSpeed's checkpoints hold (found with
-    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints): the fp32 loss
-    scaler, the ZeRO stage enum, fragment addresses and numpy arrays (the RNG states we store).
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints): the loss
+    scalers (static for fp32/bf16, dynamic for fp16), the ZeRO stage enum, fragment addresses and
+    numpy arrays (the RNG states we store). A type missing here fails resume safely, by name.
     None of them runs code when rebuilt: plain attribute dicts, an enum, a namedtuple, arrays."""
     import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
-    return [LossScaler, ZeroStageEnum, fragment_address, reconstruct, np.ndarray, np.dtype,
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, reconstruct, np.ndarray, np.dtype,
             *{type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "bool", "uint8")}]
 
 
