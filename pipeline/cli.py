@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parsers(sub)
     from pipeline.data.bench_prepare import add_bench_prepare_parser
     from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
+    from pipeline.export.bench_export import add_bench_export_parser
     from pipeline.train.bench import add_bench_train_parser
 
     add_shards_parser(sub)
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_data_parser(bench_sub)
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
+    add_bench_export_parser(bench_sub)
     return parser
 
 
@@ -126,6 +128,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.train.bench import run_bench_train
 
         return run_bench_train(args)
+    if args.command == "bench" and args.bench_command == "export":
+        from pipeline.export.bench_export import run_bench_export
+
+        return run_bench_export(args)
     if args.command == "bench" and args.bench_command == "prepare":
         from pipeline.data.bench_prepare import run_bench_prepare
 

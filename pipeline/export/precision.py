@@ -9,6 +9,8 @@ calibrated on training images, which onnxruntime fuses into integer kernels when
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,14 +22,41 @@ import numpy as np
 STATIC_QUANT_OPS = ("MatMul", "Conv", "Gemm")
 
 
-def _unique_node_names(proto) -> None:
-    # convert_float_to_float16 names the Cast it inserts after the tensor, so a tensor that feeds two
-    # kept-fp32 nodes gets two nodes of the same name, which onnxruntime rejects.
-    seen: Counter = Counter()
+def _deduplicate_casts(proto) -> None:
+    # convert_float_to_float16 inserts one Cast per consumer of a tensor that feeds kept-fp32 nodes,
+    # all with the same output name (and node name): identical nodes, which onnx's SSA rule and
+    # onnxruntime reject. Keep the first of each.
+    seen: set = set()
+    kept = []
     for node in proto.graph.node:
-        seen[node.name] += 1
-        if seen[node.name] > 1:
-            node.name = f"{node.name}_{seen[node.name] - 1}"
+        key = (node.op_type, tuple(node.input), tuple(node.output), node.SerializeToString())
+        if node.op_type == "Cast" and key in seen:
+            continue
+        seen.add(key)
+        kept.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    names: Counter = Counter()
+    for node in proto.graph.node:  # any remaining clash of node names (outputs differ) gets a suffix
+        names[node.name] += 1
+        if names[node.name] > 1:
+            node.name = f"{node.name}_{names[node.name] - 1}"
+
+
+def _topological_order(proto) -> None:
+    # The converter appends the Casts of the graph inputs at the end; onnx's checker needs producers first.
+    available = {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer} | {""}
+    pending, ordered = list(proto.graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"fp16 graph has a cycle or a missing input at {pending[0].name}")
+        for n in ready:
+            available.update(n.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(ordered)
 
 
 def to_fp16(proto, *, keep_io_types: bool = True, fp32_ops: Sequence[str] = ()):
@@ -41,7 +70,8 @@ def to_fp16(proto, *, keep_io_types: bool = True, fp32_ops: Sequence[str] = ()):
 
     half = convert_float_to_float16(proto, keep_io_types=keep_io_types,
                                     op_block_list=list(fp32_ops) or None, disable_shape_infer=True)
-    _unique_node_names(half)
+    _deduplicate_casts(half)
+    _topological_order(half)
     return half
 
 
@@ -67,6 +97,18 @@ class ImageBatches:
         return {self.input_name: self.images[start : start + self.batch_size]}
 
 
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Hide the quantizer's root-logger advice to run its pre-processing: our graph is already shape-typed."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _quantizer_options() -> dict:
     from onnx import TensorProto
 
@@ -78,15 +120,17 @@ def quantize_int8_dynamic(src: str | Path, dst: str | Path) -> None:
     """Write the dynamic int8 version of the fp32 graph at `src` to `dst` (s8 weights, u8 activations per batch)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
-                     extra_options=_quantizer_options())
+    with _quiet_quantizer():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                         extra_options=_quantizer_options())
 
 
 def quantize_int8_static(src: str | Path, dst: str | Path, calibration: ImageBatches) -> None:
     """Write the static (QDQ, per-channel s8 weights, u8 activations) int8 version of `src`, calibrated on `calibration`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(str(src), str(dst), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    op_types_to_quantize=list(STATIC_QUANT_OPS), calibrate_method=CalibrationMethod.MinMax,
-                    extra_options=_quantizer_options())
+    with _quiet_quantizer():
+        quantize_static(str(src), str(dst), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=list(STATIC_QUANT_OPS), calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=_quantizer_options())
