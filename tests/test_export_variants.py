@@ -278,3 +278,30 @@ def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
     assert result["graphs"]["optimized"]["fusions"]["Attention"] == 1
     assert "Attention" not in result["graphs"]["optimum"]["fusions"]  # what the issue measured of the Optimum way
     json.dumps(result)  # the JSON written by the command
+
+
+def _cuda_session_or_skip(path):
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA GPU and onnxruntime-gpu")
+    session, used = ort_session(path, providers=["CUDAExecutionProvider"])
+    if used[0] != "CUDAExecutionProvider":
+        pytest.fail(f"asked for CUDA, onnxruntime gave {used}: its CUDA libraries did not load")
+    return session
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # before the fixtures run
+def test_fused_and_fp16_graphs_on_cuda_match_pytorch(exported, trained):
+    from pipeline.export.variants import labelled_images
+    from pipeline.model.weights import model_from_pair
+
+    _, out, _ = exported
+    weights, manifest = trained
+    model, meta = model_from_pair(weights)
+    images, _ = labelled_images(manifest, "val", None, meta)
+    for name, tolerance in (("optimized", 1e-3), ("fp16", ExportConfig().fp16_parity_tolerance)):
+        session = _cuda_session_or_skip(out / variant_file(name))
+        report = check_parity(out / variant_file(name), model, images, session=session)
+        assert report["max_abs_diff"] < tolerance and report["top1_agreement"] >= 0.995, (name, report)
