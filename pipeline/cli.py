@@ -17,7 +17,7 @@ stages and their files (see docs in ARCHITECTURE.md):
   prepare    images            -> prepare/shards/*.tar + prepare/manifest.json
   pretrain   manifest          -> pretrain/model.safetensors + model.json (+ checkpoints/)
   finetune   weights, manifest -> finetune/model.safetensors + model.json at the new resolution
-  export     weights, manifest -> export/model.onnx + model.onnx.json (parity-checked)
+  export     weights, manifest -> export/model.onnx (+ model.<variant>.onnx) + model.onnx.json (checked)
   benchmark  model.onnx        -> benchmark/bench.json (onnxruntime vs PyTorch eager)
   run        all of the above in order, plus summary.json
   import-weights  a timm / Hugging Face / Google .npz ViT checkpoint -> model.safetensors + model.json
@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, help=f"output folder (default <workdir>/{name})")
 
     p = sub.add_parser("export", help="weights pair -> parity-checked ONNX",
-                       description="Export --weights to <out>/model.onnx (dynamic batch axis) and <out>/model.onnx.json; "
-                       "fails if onnxruntime and PyTorch disagree on held-out images from --manifest.")
+                       description="Export --weights as the graphs export.variants names (fp32 -> <out>/model.onnx, "
+                       "optimized/fp16/int8_dynamic/int8_static -> <out>/model.<variant>.onnx; dynamic batch axis) and "
+                       "<out>/model.onnx.json; fails if a variant disagrees with PyTorch on held-out images from "
+                       "--manifest beyond its tolerance or loses more than export.max_accuracy_drop points of top-1.")
     _add_common(p)
     p.add_argument("--weights", type=Path, help="model.safetensors (default <workdir>/finetune/model.safetensors)")
     p.add_argument("--manifest", help="manifest.json with a val split, its folder, or an s3:// or http(s):// URL "
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parsers(sub)
     from pipeline.data.bench_prepare import add_bench_prepare_parser
     from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
+    from pipeline.export.bench_export import add_bench_export_parser
     from pipeline.train.bench import add_bench_train_parser
 
     add_shards_parser(sub)
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_data_parser(bench_sub)
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
+    add_bench_export_parser(bench_sub)
     from stages.study import add_study_parser
 
     add_study_parser(sub)
@@ -147,6 +151,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.train.bench import run_bench_train
 
         return run_bench_train(args)
+    if args.command == "bench" and args.bench_command == "export":
+        from pipeline.export.bench_export import run_bench_export
+
+        return run_bench_export(args)
     if args.command == "bench" and args.bench_command == "prepare":
         from pipeline.data.bench_prepare import run_bench_prepare
 

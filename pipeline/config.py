@@ -306,16 +306,38 @@ def train_fingerprint_fields(t: "TrainConfig") -> dict:
     return {k: v for k, v in dataclasses.asdict(t).items() if k not in EXECUTION_FIELDS}
 
 
+# The graphs the export stage can write (pipeline/export/variants.py builds them).
+EXPORT_VARIANTS = ("fp32", "optimized", "fp16", "int8_dynamic", "int8_static")
+
+
 @dataclass
 class ExportConfig:
     """ONNX export and its parity check against PyTorch."""
 
-    opset: int = 17
-    """ONNX opset version."""
+    opset: int = 18
+    """ONNX opset (default domain): 18, the torch exporter's native one, up to what the installed onnxruntime runs."""
     parity_tolerance: float = 1e-4
-    """Largest allowed max |logit difference| between onnxruntime and PyTorch (fp32)."""
+    """Largest allowed max |logit difference| between onnxruntime and PyTorch (fp32 variants)."""
     parity_images: int = 256
     """Held-out images used for the parity check."""
+    variants: list[str] = field(default_factory=lambda: list(EXPORT_VARIANTS))
+    """Graphs to write: fp32 (torch.onnx.export, model.onnx), optimized (fused), fp16, int8_dynamic, int8_static."""
+    fp16_parity_tolerance: float = 5e-2
+    """Largest allowed max |logit difference| of the fp16 variant (fp16 keeps ~3 significant digits)."""
+    fp16_min_top1_agreement: float = 0.995
+    """Smallest allowed fraction of held-out images where fp16 and PyTorch fp32 pick the same class."""
+    fp16_keep_io_types: bool = True
+    """fp16 graph with fp32 "images" input and "logits" output (false: the caller feeds and reads fp16)."""
+    fp16_fp32_ops: list[str] = field(default_factory=list)
+    """Op types the fp16 graph keeps in fp32 (e.g. [SkipLayerNormalization]); empty: the fused kernels accumulate in fp32."""
+    max_accuracy_drop: float = 0.5
+    """Largest allowed held-out top-1 accuracy drop of a variant against PyTorch fp32, in points (percent)."""
+    accuracy_images: Optional[int] = None
+    """Held-out images for each variant's top-1 accuracy; null: the whole val split."""
+    calibration_images: int = 64
+    """Training-shard images int8_static calibrates its activation ranges on."""
+    dynamic_resolution: bool = False
+    """Built graphs (optimized, fp16, int8) take any H, W divisible by the patch size and resample pos-embeds inside."""
 
 
 @dataclass
@@ -657,6 +679,26 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
                           f"(e.g. 0.999) or {prefix}ema_weights=false")
 
 
+def validate_export(e: ExportConfig, prefix: str = "export.") -> None:
+    """Check the export slice; each message says how to fix the value."""
+    if e.opset < 18:
+        raise ConfigError(f"{prefix}opset: {e.opset} is below 18, the torch exporter's native opset (lower is a "
+                          f"lossy down-conversion); set {prefix}opset=18")
+    unknown = [v for v in e.variants if v not in EXPORT_VARIANTS]
+    if unknown or not e.variants or len(set(e.variants)) != len(e.variants):
+        raise ConfigError(f"{prefix}variants: need a non-empty list without repeats of {', '.join(EXPORT_VARIANTS)}; "
+                          f"got {e.variants}" + (f" ({_suggest(unknown[0], list(EXPORT_VARIANTS))})" if unknown else ""))
+    if e.fp16_parity_tolerance <= 0 or not 0 < e.fp16_min_top1_agreement <= 1:
+        raise ConfigError(f"{prefix}fp16_parity_tolerance must be > 0 and {prefix}fp16_min_top1_agreement in (0, 1], "
+                          f"got {e.fp16_parity_tolerance} and {e.fp16_min_top1_agreement}")
+    if e.max_accuracy_drop < 0:
+        raise ConfigError(f"{prefix}max_accuracy_drop: must be >= 0 (points of top-1), got {e.max_accuracy_drop}")
+    if e.accuracy_images is not None and e.accuracy_images < 1:
+        raise ConfigError(f"{prefix}accuracy_images: must be >= 1 or null (the whole val split), got {e.accuracy_images}")
+    if e.calibration_images < 1:
+        raise ConfigError(f"{prefix}calibration_images: must be >= 1, got {e.calibration_images}")
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Every check that can be made before any work starts."""
     validate_model(cfg.model)
@@ -701,6 +743,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.output: {d.output!r}: use a local folder or s3://bucket/prefix")
     if cfg.export.parity_tolerance <= 0 or cfg.export.parity_images < 1:
         raise ConfigError("export.parity_tolerance must be > 0 and export.parity_images >= 1")
+    validate_export(cfg.export)
     if not cfg.benchmark.batch_sizes or any(b < 1 for b in cfg.benchmark.batch_sizes):
         raise ConfigError(f"benchmark.batch_sizes: need positive sizes, got {cfg.benchmark.batch_sizes}")
     if cfg.benchmark.iterations < 1 or cfg.benchmark.warmup < 0:

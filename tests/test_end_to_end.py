@@ -62,7 +62,7 @@ def test_onnx_metadata_describes_inputs_and_parity(run):
     info = json.loads((run["work"] / "export" / "model.onnx.json").read_text())
     assert info["input"]["name"] == "images" and info["input"]["shape"] == ["batch", 1, 28, 28]
     assert info["input"]["mean"] == [0.1307] and info["class_names"] == [str(i) for i in range(10)]
-    assert info["opset"] == 17 and info["parity"]["tolerance"] == 1e-4
+    assert info["opset"] == 18 and info["parity"]["tolerance"] == 1e-4
 
 
 def test_mlflow_has_a_parent_run_with_one_child_per_stage(run):

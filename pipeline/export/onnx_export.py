@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +34,10 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 EXAMPLE_BATCH = 2  # not 0 or 1: torch.export specializes those sizes, which would pin the batch dim
+# The opset torch's ONNX exporter (torchlib) is written for: below it the exporter emits 18 anyway and
+# down-converts with a warning (what opset 17 used to do); at or above it the graph is emitted natively.
+EXPORTER_OPSET = 18
+METADATA_PREFIX = "vitpipe."  # metadata_props keys; values are JSON
 
 
 class ExportError(RuntimeError):
@@ -68,33 +75,143 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    image_size: int | Sequence[int],
-    in_channels: int,
-    opset: int = 17,
-) -> Path:
-    """Export `model` (eval, fp32) to `path` with input "images" (batch, C, H, W) -> "logits"; return the path."""
+@functools.lru_cache(maxsize=1)
+def runtime_max_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime loads (probed with a one-node model)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", value[:1], value[1:])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the probe's refusals are expected, not worth a red line
+    for opset in range(onnx.defs.onnx_opset_version(), EXPORTER_OPSET - 1, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 10
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:
+            continue
+    return EXPORTER_OPSET - 1  # not even the exporter's own opset runs: every request is refused
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) opset an export may ask for: the exporter's native one up to what onnxruntime runs."""
+    return EXPORTER_OPSET, runtime_max_opset()
+
+
+def check_opset(opset: int) -> None:
+    """Refuse, before any work, an opset the exporter would down-convert or onnxruntime cannot run."""
+    import onnxruntime as ort
+
+    lo, hi = supported_opsets()
+    if not lo <= opset <= hi:
+        raise ExportError(
+            f"export.opset: {opset} is outside the supported range {lo}..{hi} (the torch exporter emits opset "
+            f"{lo} natively; onnxruntime {ort.__version__} runs up to {hi}); set export.opset={lo}"
+        )
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike):
+    """Yield a temporary path with `path`'s name in a temp dir beside it; on success move it (and its .data) into place.
+
+    A failure inside the block leaves nothing at `path`: the temp dir is removed either way.
+    """
     path = Path(path)
-    h, w = _hw(image_size)
     parent = path.parent
     if not parent.is_dir():
         raise ExportError(f"{path}: cannot export, the directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"{path}: cannot export, the directory {parent} is not writable")
-
-    net = _fp32(model)
-    example = torch.randn(EXAMPLE_BATCH, in_channels, h, w, device=_device(net))
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
         raise ExportError(f"{path}: cannot create a temporary directory next to it: {e}") from e
     try:
         tmp = tmp_dir / path.name
-        with _eval_mode(net), torch.no_grad(), warnings.catch_warnings():
+        yield tmp
+        # The data file first, so the .onnx never points at weights that are not there yet.
+        data = tmp_dir / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, parent / data.name)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ExportError(f"{path}: writing the exported model failed: {e}") from e
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def save_model(proto, path: str | os.PathLike) -> None:
+    """Save an onnx.ModelProto, inline below 2 GB (one self-contained file), as `<name>.data` above."""
+    import onnx
+
+    if proto.ByteSize() > 2**31 - 2**20:  # protobuf's 2 GB limit, with room for the graph itself
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{Path(path).name}.data")
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def set_metadata(proto, metadata: dict[str, Any]) -> None:
+    """Write `metadata` into the model's metadata_props as ``vitpipe.<key>`` = JSON (replacing old values)."""
+    keep = [p for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, json.dumps(value)
+
+
+def read_metadata(source: Any) -> dict[str, Any]:
+    """The ``vitpipe.*`` metadata of an onnxruntime session or an .onnx path, keys without the prefix."""
+    if isinstance(source, (str, os.PathLike)):
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    else:
+        props = dict(source.get_modelmeta().custom_metadata_map)
+    return {k[len(METADATA_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's per-call notices that are not about our model (torchvision op registration)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: int | Sequence[int],
+    in_channels: int,
+    opset: int = EXPORTER_OPSET,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Export `model` (eval, fp32) with torch.onnx.export to `path`: "images" (batch, C, H, W) -> "logits".
+
+    `metadata` (if given) goes into the file's metadata_props (see `set_metadata`). Returns the path.
+    """
+    path = Path(path)
+    h, w = _hw(image_size)
+    if opset < EXPORTER_OPSET:
+        raise ExportError(f"{path}: opset {opset} is below the exporter's native {EXPORTER_OPSET}; "
+                          f"asking for it means a lossy down-conversion. Use opset >= {EXPORTER_OPSET}")
+    net = _fp32(model)
+    example = torch.randn(EXAMPLE_BATCH, in_channels, h, w, device=_device(net))
+    with staged_file(path) as tmp:
+        with _eval_mode(net), torch.no_grad(), _quiet_exporter():
             try:
                 program = torch.onnx.export(
                     net,
@@ -109,19 +226,34 @@ def export_onnx(
                 )
             except Exception as e:
                 raise ExportError(f"{path}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
+        for key, value in (metadata or {}).items():  # the exporter's IR model carries metadata_props through save
+            program.model.metadata_props[METADATA_PREFIX + key] = json.dumps(value)
         # Weights inline below 2 GB (one self-contained file); the exporter switches to
         # `<name>.data` by itself above that, where protobuf cannot hold them.
         program.save(tmp, external_data=False)
         verify_onnx(tmp, in_channels=in_channels, image_size=(h, w), opset=opset, name=path)
-        # The data file first, so the .onnx never points at weights that are not there yet.
-        data = tmp_dir / f"{path.name}.data"
-        if data.exists():
-            os.replace(data, parent / data.name)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ExportError(f"{path}: writing the exported model failed: {e}") from e
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def export_graph(
+    proto,
+    path: str | os.PathLike,
+    *,
+    image_size: int | Sequence[int] | None,
+    in_channels: int,
+    opset: int,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save a built or converted onnx.ModelProto to `path` the way `export_onnx` does (staged, checked).
+
+    `image_size` None: the graph takes any H and W (symbolic dims), as a dynamic-resolution graph does.
+    """
+    path = Path(path)
+    if metadata:
+        set_metadata(proto, metadata)
+    with staged_file(path) as tmp:
+        save_model(proto, tmp)
+        verify_onnx(tmp, in_channels=in_channels, image_size=image_size, opset=opset, name=path)
     return path
 
 
@@ -129,16 +261,18 @@ def verify_onnx(
     path: str | os.PathLike,
     *,
     in_channels: int,
-    image_size: int | Sequence[int],
+    image_size: int | Sequence[int] | None,
     opset: int | None = None,
     name: str | os.PathLike | None = None,
 ) -> None:
-    """Run the ONNX checker and check the "images" input is (symbolic batch, C, H, W); raise ExportError."""
+    """Run the ONNX checker and check the "images" input is (symbolic batch, C, H, W); raise ExportError.
+
+    `image_size` None: H and W must be symbolic (a dynamic-resolution graph).
+    """
     import onnx
 
     path = Path(path)
     name = name or path
-    h, w = _hw(image_size)
     try:
         # By path, not by loaded proto: the only form that works for models over 2 GB.
         onnx.checker.check_model(str(path), full_check=True)
@@ -161,8 +295,14 @@ def verify_onnx(
             f"{name}: the batch dim of {INPUT_NAME!r} is fixed ({dims[0].dim_value}), expected a symbolic dim"
         )
     static = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims[1:])
-    if static != (in_channels, h, w):
-        raise ExportError(f"{name}: input {INPUT_NAME!r} has (C, H, W) = {static}, expected {(in_channels, h, w)}")
+    if image_size is None:
+        ok = static[0] == in_channels and all(isinstance(v, str) and v for v in static[1:])
+        expected: tuple = (in_channels, "symbolic H", "symbolic W")
+    else:
+        expected = (in_channels, *_hw(image_size))
+        ok = static == expected
+    if not ok:
+        raise ExportError(f"{name}: input {INPUT_NAME!r} has (C, H, W) = {static}, expected {expected}")
     if not any(o.name == OUTPUT_NAME for o in proto.graph.output):
         raise ExportError(f"{name}: no graph output named {OUTPUT_NAME!r}")
 
@@ -175,18 +315,51 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, counting SMT siblings once: the intra-op thread count that degrades gracefully."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:
+        physical = usable
+    return max(1, min(usable, physical))
+
+
+def session_options(threads: int = 0, spinning: bool = False):
+    """onnxruntime options that hold up on a shared CPU.
+
+    Intra-op threads default to the physical cores (0), not onnxruntime's "all logical CPUs": an SMT
+    sibling adds little to a matmul and a thread pool wider than the free cores waits on its
+    slowest thread every op. Spinning is off by default: a spinning pool burns the cores another
+    job needs, and when that job runs the spin-waits are descheduled mid-barrier; measured in
+    `vitpipe bench export`, busy case.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads if threads > 0 else physical_cores()
+    options.inter_op_num_threads = 1  # a ViT is one chain of ops: nothing to run in parallel between them
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 def ort_session(
-    path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0
+    path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0, spinning: bool = False
 ) -> tuple[Any, list[str]]:
-    """Open an onnxruntime session; return it and the providers it really got (not the ones asked for)."""
+    """Open an onnxruntime session (options: `session_options`); return it and the providers it really got."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ONNX model not found")
-    options = ort.SessionOptions()
-    if threads > 0:
-        options.intra_op_num_threads = threads
+    options = session_options(threads, spinning)
     requested = list(providers) if providers else default_providers()
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
@@ -198,7 +371,45 @@ def ort_session(
     return session, used
 
 
+def onnx_logits(session: Any, images: torch.Tensor | np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The session's "logits" for `images` (N, C, H, W), in batches, as float32 (N, classes)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    x = images.detach().to(torch.float32).cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    # An fp16 graph without fp32 I/O (keep_io_types off) takes fp16: feed what the graph declares.
+    feed_dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size].astype(feed_dtype)})[0]
+           for i in range(0, len(x), batch_size)]  # the last batch may be smaller
+    return np.concatenate(out).astype(np.float32)
+
+
 @torch.inference_mode()
+def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """`model`'s fp32 logits for `images` (N, C, H, W), in batches, as float32 (N, classes)."""
+    net = _fp32(model)
+    device = _device(net)
+    images = images.detach().to(torch.float32).cpu()
+    with _eval_mode(net):
+        out = [net(images[i : i + batch_size].to(device)).float().cpu().numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, name: str | os.PathLike = "onnx") -> dict:
+    """Parity figures of `got` against the reference logits `ref` (both (N, classes))."""
+    if ref.shape != got.shape:
+        raise RuntimeError(f"{name}: onnxruntime logits have shape {got.shape}, PyTorch {ref.shape}")
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    diff = np.abs(ref - got)
+    agree = ref.argmax(axis=1) == got.argmax(axis=1)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agreement": float(agree.mean()),
+        "n_images": int(len(ref)),
+        "disagreements": int((~agree).sum()),
+    }
+
+
 def check_parity(
     onnx_path: str | os.PathLike,
     model: nn.Module,
@@ -215,27 +426,6 @@ def check_parity(
         session, providers = ort_session(onnx_path)
     else:
         providers = list(session.get_providers())
-    net = _fp32(model)
-    device = _device(net)
-    images = images.detach().to(torch.float32).cpu()
-    torch_out, ort_out = [], []
-    with _eval_mode(net):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]  # (b, C, H, W); the last one may be smaller
-            torch_out.append(net(batch.to(device)).float().cpu().numpy())
-            ort_out.append(session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0])
-    ref = np.concatenate(torch_out).astype(np.float64)  # (N, classes)
-    got = np.concatenate(ort_out).astype(np.float64)
-    if ref.shape != got.shape:
-        raise RuntimeError(f"{onnx_path}: onnxruntime logits have shape {got.shape}, PyTorch {ref.shape}")
-    diff = np.abs(ref - got)
-    agree = ref.argmax(axis=1) == got.argmax(axis=1)
-    return {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "top1_agreement": float(agree.mean()),
-        "n_images": int(len(images)),
-        "disagreements": int((~agree).sum()),
-        "batch_size": int(batch_size),
-        "providers": providers,
-    }
+    ref = torch_logits(model, images, batch_size)
+    got = onnx_logits(session, images, batch_size)
+    return {**compare_logits(ref, got, onnx_path), "batch_size": int(batch_size), "providers": providers}

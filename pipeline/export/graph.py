@@ -1,0 +1,248 @@
+"""The "optimized" ONNX graph of a ViT, built node by node from the model's weights with onnx.helper.
+
+Why build it instead of exporting and optimizing: neither ``torch.onnx.export`` nor
+``onnxruntime.transformers.optimizer`` (model_type ``vit``) turns our attention into one fused node
+(the optimizer's pattern matcher does not recognise the exporter's qkv split; measured: 0 Attention,
+24 SkipLayerNormalization, 12 BiasGelu on ViT-S). Our block layout is fixed and known, so the graph
+is written directly in the fused form onnxruntime runs fastest on CPU and CUDA:
+
+    images (B, C, H, W) -> [ResNet stem] -> Conv patch embed -> (B, N, D) -> Concat cls -> Add pos
+    per block:  LayerNormalization (first block only; later ones come out of the SkipLayerNorm below)
+                com.microsoft.Attention (fused qkv weights (D, 3D), one node: QK^T, softmax, V, heads)
+                MatMul proj -> com.microsoft.SkipLayerNormalization (residual + proj bias + norm2)
+                MatMul fc1 -> com.microsoft.BiasGelu (exact erf GELU, as F.gelu) -> MatMul fc2
+                -> SkipLayerNormalization (residual + fc2 bias + next block's norm1 / the final norm)
+    the last block's MLP runs on the class token only: every later op is per token and only the
+    class token reaches the head, so the other N tokens' MLP would be thrown away.
+    Gather class token -> Gemm head -> logits (B, classes)
+
+`com.microsoft.Attention` takes our fused qkv Linear directly: its weight is (D, 3D) with Q, K, V
+concatenated on the last axis, which is ``qkv.weight.T`` (the Linear's output is laid out (3, H, hd)).
+
+With ``dynamic_resolution`` the input's H and W are symbolic and the position embeddings are
+resampled inside the graph: ``Resize`` of the (1, D, gh, gw) grid to the input's patch grid with the
+model's mode (cubic a=-0.75 or linear, half_pixel, no antialias), which is what
+`pipeline.model.pos_embed.resample_pos_embed` computes with ``F.interpolate(align_corners=False)``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from pipeline.model.vit import ResNetStem, VisionTransformer
+
+MS_DOMAIN = "com.microsoft"
+INPUT_NAME = "images"  # the same names as the plain export (onnx_export.INPUT_NAME / OUTPUT_NAME)
+OUTPUT_NAME = "logits"
+LN_EPS = 1e-6  # the blocks' and final norm's eps (vit.Block, VisionTransformer.norm)
+# The op types whose count says "fused": what model.onnx.json's "fusions" records.
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu",
+             "FastGelu", "Gelu", "QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul")
+RESIZE_MODES = {"bicubic": "cubic", "bilinear": "linear"}  # pos_embed.MODES -> ONNX Resize mode
+MIN_OPSET = 17  # LayerNormalization entered the default domain at 17
+
+
+def op_counts(model) -> dict[str, int]:
+    """How many nodes of each op type the graph holds (sorted by name)."""
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def fusions(model) -> dict[str, int]:
+    """The fused-op counts of `model` (the FUSED_OPS present), for model.onnx.json."""
+    return {k: v for k, v in op_counts(model).items() if k in FUSED_OPS}
+
+
+class _Builder:
+    """Accumulates nodes and initializers; each helper returns its output name."""
+
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, hint: str, value: np.ndarray | torch.Tensor) -> str:
+        from onnx import numpy_helper
+
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        from onnx import helper
+
+        base = self.name(hint or op_type)
+        outs = [base] if n_out == 1 else [f"{base}_out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().to(torch.float32).numpy()
+
+
+def _conv(b: _Builder, x: str, conv: torch.nn.Conv2d, hint: str) -> str:
+    ins = [x, b.const(f"{hint}.weight", _f32(conv.weight))]
+    if conv.bias is not None:
+        ins.append(b.const(f"{hint}.bias", _f32(conv.bias)))
+    ph, pw = conv.padding  # type: ignore[misc]
+    return b.op("Conv", ins, hint, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
+                pads=[ph, pw, ph, pw], group=conv.groups)
+
+
+def _group_norm(b: _Builder, x: str, gn: torch.nn.GroupNorm, hint: str) -> str:
+    # GroupNorm = InstanceNormalization over (B, G, C/G*H*W), then the per-channel affine. Exact, and
+    # every runtime has InstanceNormalization (GroupNormalization's definition changed at opset 21).
+    g = gn.num_groups
+    shape = b.op("Shape", [x], f"{hint}.shape")
+    grouped = b.op("Reshape", [x, b.const(f"{hint}.groups", np.array([0, g, -1], np.int64))], f"{hint}.grouped")
+    normed = b.op("InstanceNormalization", [grouped, b.const(f"{hint}.one", np.ones(g, np.float32)),
+                                            b.const(f"{hint}.zero", np.zeros(g, np.float32))], hint, epsilon=gn.eps)
+    back = b.op("Reshape", [normed, shape], f"{hint}.back")
+    scaled = b.op("Mul", [back, b.const(f"{hint}.weight", _f32(gn.weight).reshape(-1, 1, 1))])
+    return b.op("Add", [scaled, b.const(f"{hint}.bias", _f32(gn.bias).reshape(-1, 1, 1))])
+
+
+def _stem(b: _Builder, x: str, stem: ResNetStem) -> str:
+    conv, gn, _ = stem.root
+    x = b.op("Relu", [_group_norm(b, _conv(b, x, conv, "stem.root.conv"), gn, "stem.root.norm")])
+    for i, block in enumerate(stem.blocks):
+        p = f"stem.blocks.{i}"
+        y = b.op("Relu", [_group_norm(b, _conv(b, x, block.conv1, f"{p}.conv1"), block.norm1, f"{p}.norm1")])
+        y = _group_norm(b, _conv(b, y, block.conv2, f"{p}.conv2"), block.norm2, f"{p}.norm2")
+        if isinstance(block.shortcut, torch.nn.Sequential):
+            s_conv, s_gn = block.shortcut
+            short = _group_norm(b, _conv(b, x, s_conv, f"{p}.short"), s_gn, f"{p}.short.norm")
+        else:
+            short = x
+        x = b.op("Relu", [b.op("Add", [y, short])])
+    return x
+
+
+def _pos_embed(b: _Builder, model: VisionTransformer, grid_map: str, dynamic: bool, mode: str) -> tuple[np.ndarray, str]:
+    """(class-token row (1, 1, D) as an array, grid rows (1, N, D) as a graph value, resampled when dynamic)."""
+    pos = _f32(model.pos_embed)  # (1, 1+N, D)
+    d = model.width
+    cls_pos = pos[:, :1]
+    if not dynamic:
+        return cls_pos, b.const("pos_embed.grid", pos[:, 1:])
+    gh, gw = model.grid
+    grid = pos[:, 1:].reshape(1, gh, gw, d).transpose(0, 3, 1, 2)  # (1, D, gh, gw), tokens row-major
+    # sizes = (1, D, gh', gw') of this input's patch map; Resize needs all four.
+    hw = b.op("Slice", [b.op("Shape", [grid_map]), b.const("two", np.array([2], np.int64)),
+                        b.const("four", np.array([4], np.int64))], "grid_hw")
+    sizes = b.op("Concat", [b.const("one_d", np.array([1, d], np.int64)), hw], "pos_sizes", axis=0)
+    resized = b.op("Resize", [b.const("pos_embed.grid2d", np.ascontiguousarray(grid)), "", "", sizes], "pos_resize",
+                   mode=RESIZE_MODES[mode], coordinate_transformation_mode="half_pixel",
+                   cubic_coeff_a=-0.75, exclude_outside=0, nearest_mode="floor")
+    flat = b.op("Reshape", [resized, b.const("pos_flat", np.array([1, d, -1], np.int64))])
+    return cls_pos, b.op("Transpose", [flat], "pos_tokens", perm=[0, 2, 1])
+
+
+def _layer_norm_params(b: _Builder, ln: torch.nn.LayerNorm, hint: str) -> tuple[str, str]:
+    return b.const(f"{hint}.weight", _f32(ln.weight)), b.const(f"{hint}.bias", _f32(ln.bias))
+
+
+def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution: bool = False,
+                    pos_embed_mode: str = "bicubic"):
+    """The fused inference graph of `model` (eval semantics: no dropout, no drop path) as an onnx.ModelProto."""
+    from onnx import TensorProto, helper
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset: the optimized graph needs opset >= {MIN_OPSET} (LayerNormalization), got {opset}")
+    if pos_embed_mode not in RESIZE_MODES:
+        raise ValueError(f"pos_embed_mode: {pos_embed_mode!r} is not supported; use one of {', '.join(RESIZE_MODES)}")
+    for blk in model.blocks:
+        if blk.norm1.eps != LN_EPS or blk.norm2.eps != LN_EPS:
+            raise ValueError(f"LayerNorm eps {blk.norm1.eps}/{blk.norm2.eps}: the graph builder assumes {LN_EPS}")
+    b = _Builder()
+    d, heads = model.width, model.blocks[0].attn.heads if len(model.blocks) else 1
+    c = model.in_channels
+    h, w = model.image_size
+
+    x = INPUT_NAME
+    if model.stem is not None:
+        x = _stem(b, x, model.stem)
+    grid_map = _conv(b, x, model.patch_embed, "patch_embed")  # (B, D, gh, gw)
+    patches = b.op("Transpose", [b.op("Reshape", [grid_map, b.const("bdn", np.array([0, d, -1], np.int64))])],
+                   "patches", perm=[0, 2, 1])  # (B, N, D), row-major over the grid as in vit.py
+    cls_pos, grid_pos = _pos_embed(b, model, grid_map, dynamic_resolution, pos_embed_mode)
+    # cls + its position embedding is one constant row, broadcast to the batch: (B, 1, D).
+    cls_row = b.const("cls_token_plus_pos", _f32(model.cls_token) + cls_pos)
+    batch = b.op("Slice", [b.op("Shape", [INPUT_NAME]), b.const("zero", np.array([0], np.int64)),
+                           b.const("one", np.array([1], np.int64))], "batch")
+    cls_shape = b.op("Concat", [batch, b.const("one_d_shape", np.array([1, d], np.int64))], "cls_shape", axis=0)
+    cls = b.op("Expand", [cls_row, cls_shape], "cls")
+    tokens = b.op("Concat", [cls, b.op("Add", [patches, grid_pos], "patches_pos")], "tokens", axis=1)  # (B, 1+N, D)
+
+    # The class token as a (B, 1, D) slice, not a Gather to (B, D): the fused norms expect 3-D input.
+    first, second, axis1 = (b.const(n, np.array([v], np.int64)) for n, v in (("first", 0), ("second", 1), ("axis1", 1)))
+
+    def class_token(value: str, hint: str) -> str:
+        return b.op("Slice", [value, first, second, axis1], hint)
+
+    depth = len(model.blocks)
+    normed = b.op("LayerNormalization", [tokens, *_layer_norm_params(b, model.blocks[0].norm1, "blocks.0.norm1")]
+                  if depth else [tokens, *_layer_norm_params(b, model.norm, "norm")], "ln", axis=-1, epsilon=LN_EPS)
+    residual = tokens
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        attn = b.op("Attention", [normed, b.const(f"{p}.attn.qkv.weight_t", _f32(blk.attn.qkv.weight).T),
+                                  b.const(f"{p}.attn.qkv.bias", _f32(blk.attn.qkv.bias))],
+                    f"{p}.attn", domain=MS_DOMAIN, num_heads=heads)
+        proj = b.op("MatMul", [attn, b.const(f"{p}.attn.proj.weight_t", _f32(blk.attn.proj.weight).T)], f"{p}.proj")
+        # SkipLayerNormalization(input, skip, gamma, beta, bias) -> (LN(input + skip + bias), _, _, input + skip + bias)
+        normed, _, _, residual = b.op(
+            "SkipLayerNormalization",
+            [proj, residual, *_layer_norm_params(b, blk.norm2, f"{p}.norm2"), b.const(f"{p}.proj.bias", _f32(blk.attn.proj.bias))],
+            f"{p}.skipln1", n_out=4, domain=MS_DOMAIN, epsilon=LN_EPS)
+        last = i == depth - 1
+        if last:  # class token only from here on (see the module docstring)
+            normed = class_token(normed, "cls_normed")  # (B, 1, D)
+            residual = class_token(residual, "cls_residual")
+        hidden = b.op("MatMul", [normed, b.const(f"{p}.mlp.fc1.weight_t", _f32(blk.mlp.fc1.weight).T)], f"{p}.fc1")
+        act = b.op("BiasGelu", [hidden, b.const(f"{p}.mlp.fc1.bias", _f32(blk.mlp.fc1.bias))], f"{p}.gelu",
+                   domain=MS_DOMAIN)
+        out = b.op("MatMul", [act, b.const(f"{p}.mlp.fc2.weight_t", _f32(blk.mlp.fc2.weight).T)], f"{p}.fc2")
+        next_norm = model.norm if last else model.blocks[i + 1].norm1
+        normed, _, _, residual = b.op(
+            "SkipLayerNormalization",
+            [out, residual, *_layer_norm_params(b, next_norm, "norm" if last else f"blocks.{i + 1}.norm1"),
+             b.const(f"{p}.mlp.fc2.bias", _f32(blk.mlp.fc2.bias))],
+            f"{p}.skipln2", n_out=4, domain=MS_DOMAIN, epsilon=LN_EPS)
+    feats = b.op("Flatten", [normed if depth else class_token(normed, "cls_normed")], "cls_features", axis=1)  # (B, D)
+    b.op("Gemm", [feats, b.const("head.weight", _f32(model.head.weight)), b.const("head.bias", _f32(model.head.bias))],
+                  "head", transB=1)
+    b.nodes[-1].output[0] = OUTPUT_NAME
+
+    hw_dims: list = ["height", "width"] if dynamic_resolution else [h, w]
+    graph = helper.make_graph(
+        b.nodes, "vitpipe_vit_fused",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, *hw_dims])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", model.num_classes])],
+        initializer=b.inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="vitpipe.graph")
+    proto.ir_version = min(proto.ir_version, 10)  # the IR onnxruntime 1.2x reads; onnx may stamp a newer one
+    return with_value_info(proto)
+
+
+def with_value_info(proto):
+    """`proto` with dtypes and shapes of every tensor (value_info): the quantizers and the fp16 converter need them.
+
+    onnx's own shape inference stops at com.microsoft ops; onnxruntime's symbolic one knows them.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+

@@ -1,0 +1,136 @@
+"""Lower-precision versions of an fp32 graph: fp16 for GPUs, int8 (dynamic and static) for CPUs.
+
+All three start from the fused graph of `pipeline.export.graph`, so they keep its fused attention:
+dynamic quantization turns each ``Attention`` into ``QAttention`` and each MatMul into an integer
+matmul with activations quantized per batch at run time (nothing to calibrate); static quantization
+inserts QuantizeLinear/DequantizeLinear pairs (QDQ) around the matmuls with activation ranges
+calibrated on training images, which onnxruntime fuses into integer kernels when it loads the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Ops whose weights static quantization converts; norms and attention stay fp32 (QDQ has no fused
+# int8 attention, and quantizing a norm's scale saves nothing and costs accuracy).
+STATIC_QUANT_OPS = ("MatMul", "Conv", "Gemm")
+
+
+def _deduplicate_casts(proto) -> None:
+    # convert_float_to_float16 inserts one Cast per consumer of a tensor that feeds kept-fp32 nodes,
+    # all with the same output name (and node name): identical nodes, which onnx's SSA rule and
+    # onnxruntime reject. Keep the first of each.
+    seen: set = set()
+    kept = []
+    for node in proto.graph.node:
+        key = (node.op_type, tuple(node.input), tuple(node.output), node.SerializeToString())
+        if node.op_type == "Cast" and key in seen:
+            continue
+        seen.add(key)
+        kept.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    names: Counter = Counter()
+    for node in proto.graph.node:  # any remaining clash of node names (outputs differ) gets a suffix
+        names[node.name] += 1
+        if names[node.name] > 1:
+            node.name = f"{node.name}_{names[node.name] - 1}"
+
+
+def _topological_order(proto) -> None:
+    # The converter appends the Casts of the graph inputs at the end; onnx's checker needs producers first.
+    available = {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer} | {""}
+    pending, ordered = list(proto.graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"fp16 graph has a cycle or a missing input at {pending[0].name}")
+        for n in ready:
+            available.update(n.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(ordered)
+
+
+def to_fp16(proto, *, keep_io_types: bool = True, fp32_ops: Sequence[str] = ()):
+    """An fp16 copy of `proto` (typed, as `build_vit_graph` returns it); `keep_io_types`: fp32 "images"/"logits" at the edges.
+
+    `fp32_ops`: op types kept in fp32 with Casts around them. onnxruntime's fused kernels already
+    take fp16 in and out but keep the norm statistics and the attention softmax in fp32 accumulators,
+    so none need to be listed for accuracy; the option is there for an op that does lose it.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(proto, keep_io_types=keep_io_types,
+                                    op_block_list=list(fp32_ops) or None, disable_shape_infer=True)
+    _deduplicate_casts(half)
+    _topological_order(half)
+    return half
+
+
+class ImageBatches:
+    """An onnxruntime CalibrationDataReader over preprocessed images (N, C, H, W) in fixed-size batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16, input_name: str = "images"):
+        if images.ndim != 4 or len(images) == 0:
+            raise ValueError(f"calibration images: expected a non-empty (N, C, H, W) array, got {images.shape}")
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.batch_size = batch_size
+        self.input_name = input_name
+        self._batches: Iterable | None = None
+        self.rewind()
+
+    def rewind(self) -> None:
+        self._batches = iter(range(0, len(self.images), self.batch_size))
+
+    def get_next(self) -> dict | None:
+        start = next(self._batches, None)  # type: ignore[arg-type]
+        if start is None:
+            return None
+        return {self.input_name: self.images[start : start + self.batch_size]}
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Hide the quantizer's root-logger advice to run its pre-processing: our graph is already shape-typed."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantizer_options() -> dict:
+    from onnx import TensorProto
+
+    # Tensors symbolic inference could not type (none in our graphs) default to fp32 instead of failing.
+    return {"DefaultTensorType": TensorProto.FLOAT}
+
+
+def quantize_int8_dynamic(src: str | Path, dst: str | Path) -> None:
+    """Write the dynamic int8 version of the fp32 graph at `src` to `dst` (s8 weights, u8 activations per batch)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_quantizer():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                         extra_options=_quantizer_options())
+
+
+def quantize_int8_static(src: str | Path, dst: str | Path, calibration: ImageBatches) -> None:
+    """Write the static (QDQ, per-channel s8 weights, u8 activations) int8 version of `src`, calibrated on `calibration`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with _quiet_quantizer():
+        quantize_static(str(src), str(dst), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=list(STATIC_QUANT_OPS), calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=_quantizer_options())
