@@ -263,7 +263,7 @@ def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
 
     result = bench_export("vit-ti4", image_size=16, batch_sizes=(1, 4), rounds=1, iterations=1, busy_seconds=20,
                           num_classes=10, depth=1, workdir=tmp_path)
-    quiet = [r for r in result["rows"] if r["case"] == "quiet"]
+    quiet = [r for r in result["rows"] if r["case"] == "as_is"]
     names = {r["candidate"] for r in quiet}
     assert {"eager", "fp32", "optimum", "optimized", "int8_dynamic", "int8_static"} <= names
     assert {r["batch"] for r in quiet} == {1, 4}

@@ -16,7 +16,8 @@ best round over the candidate's:
   int8_static    the fused graph, static int8 (calibrated on random inputs here: timing only)
   fp16           the fused graph in fp16, when this CPU's onnxruntime runs it
 
-Busy machine (--busy-seconds > 0): the benchmark starts one CPU-burning process per core
+Rows of case "as_is" run on the machine as it is (on a shared one, whatever else runs there);
+case "busy" adds a load of the benchmark's own. Busy machine (--busy-seconds > 0): the benchmark starts one CPU-burning process per core
 (bounded: each exits by itself after --busy-seconds), measures at batch 1 eager, the fused graph
 with onnxruntime's default thread pool (spinning on) and with ours (`session_options`: spinning
 off), and int8_dynamic with ours, then stops the load.
@@ -109,7 +110,7 @@ def _eager_runners(model, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     return runners
 
 
-def _rows(timings: dict, batch: int, case: str = "quiet") -> list[dict]:
+def _rows(timings: dict, batch: int, case: str = "as_is") -> list[dict]:
     base = min(t["best_ms"] for name, t in timings.items() if name.startswith("eager"))
     return [{"case": case, "batch": batch, "candidate": name, "best_ms": t["best_ms"],
              "median_of_rounds_ms": float(np.median(t["rounds_ms"])), "images_per_s": batch * 1000.0 / t["best_ms"],
