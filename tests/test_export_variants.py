@@ -274,7 +274,7 @@ def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
     assert row["vs_best_eager"] == pytest.approx(best_eager / row["best_ms"])
     busy = [r["candidate"] for r in result["rows"] if r["case"] == "busy"]
     assert "optimized[ours: spinning off]" in busy and "optimized[ort defaults: spinning on]" in busy
-    assert result["busy"]["seconds_measured"] < 20  # the load's own time limit was never what ended it
+    assert result["busy"]["seconds_measured"] < 20 and not result["busy"]["load_ended_early"]
     assert result["graphs"]["optimized"]["fusions"]["Attention"] == 1
     assert "Attention" not in result["graphs"]["optimum"]["fusions"]  # what the issue measured of the Optimum way
     json.dumps(result)  # the JSON written by the command
