@@ -328,8 +328,8 @@ class ExportConfig:
     """Smallest allowed fraction of held-out images where fp16 and PyTorch fp32 pick the same class."""
     fp16_keep_io_types: bool = True
     """fp16 graph with fp32 "images" input and "logits" output (false: the caller feeds and reads fp16)."""
-    fp16_fp32_ops: list[str] = field(default_factory=list)
-    """Op types the fp16 graph keeps in fp32 (e.g. [SkipLayerNormalization]); empty: the fused kernels accumulate in fp32."""
+    fp16_fp32_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "SkipLayerNormalization"])
+    """Op types the fp16 graph keeps in fp32 (Casts around them); the norms by default, which keeps the residual stream fp32."""
     max_accuracy_drop: float = 0.5
     """Largest allowed held-out top-1 accuracy drop of a variant against PyTorch fp32, in points (percent)."""
     accuracy_images: Optional[int] = None

@@ -263,7 +263,7 @@ def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
 
     result = bench_export("vit-ti4", image_size=16, batch_sizes=(1, 4), rounds=1, iterations=1, busy_seconds=20,
                           num_classes=10, depth=1, workdir=tmp_path)
-    quiet = [r for r in result["rows"] if r["case"] == "quiet"]
+    quiet = [r for r in result["rows"] if r["case"] == "as_is"]
     names = {r["candidate"] for r in quiet}
     assert {"eager", "fp32", "optimum", "optimized", "int8_dynamic", "int8_static"} <= names
     assert {r["batch"] for r in quiet} == {1, 4}
@@ -274,7 +274,7 @@ def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
     assert row["vs_best_eager"] == pytest.approx(best_eager / row["best_ms"])
     busy = [r["candidate"] for r in result["rows"] if r["case"] == "busy"]
     assert "optimized[ours: spinning off]" in busy and "optimized[ort defaults: spinning on]" in busy
-    assert result["busy"]["seconds_measured"] < 20  # the load's own time limit was never what ended it
+    assert result["busy"]["seconds_measured"] < 20 and not result["busy"]["load_ended_early"]
     assert result["graphs"]["optimized"]["fusions"]["Attention"] == 1
     assert "Attention" not in result["graphs"]["optimum"]["fusions"]  # what the issue measured of the Optimum way
     json.dumps(result)  # the JSON written by the command

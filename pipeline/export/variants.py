@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.config import EXPORT_VARIANTS
+from pipeline.config import EXPORT_VARIANTS, ExportConfig
 from pipeline.data.loader import iter_split, make_transform
 from pipeline.export import graph as graph_builder
 from pipeline.export import precision
@@ -81,9 +81,14 @@ def write_variants(
     dynamic_resolution: bool = False,
     calibration: np.ndarray | None = None,
     fp16_keep_io_types: bool = True,
-    fp16_fp32_ops: Sequence[str] = (),
+    fp16_fp32_ops: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Write each of `variants` into `out_dir`; return {variant: path}. `calibration`: images for int8_static."""
+    """Write each of `variants` into `out_dir`; return {variant: path}. `calibration`: images for int8_static.
+
+    `fp16_fp32_ops` None: ExportConfig's default (the norms stay fp32).
+    """
+    if fp16_fp32_ops is None:
+        fp16_fp32_ops = ExportConfig().fp16_fp32_ops
     out_dir = Path(out_dir)
     unknown = [v for v in variants if v not in EXPORT_VARIANTS]
     if unknown:
