@@ -18,7 +18,9 @@ stages and their files (see docs in ARCHITECTURE.md):
   pretrain   manifest          -> pretrain/model.safetensors + model.json (+ checkpoints/)
   finetune   weights, manifest -> finetune/model.safetensors + model.json at the new resolution
   export     weights, manifest -> export/model.onnx + model.onnx.json (parity-checked)
-  benchmark  model.onnx        -> benchmark/bench.json (onnxruntime vs PyTorch eager)
+  benchmark  model.onnx        -> benchmark/bench.json + bench.png (every variant x provider vs PyTorch),
+                                  then the model registered in MLflow
+  predict    model, images     -> top-k classes (model.onnx, weights pair or models:/<name>/<version>)
   run        all of the above in order, plus summary.json
 
 example: vitpipe run configs/pipeline/demo.yaml pretrain.steps=50 model.depth=4
@@ -78,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default <workdir>/prepare/manifest.json)")
     p.add_argument("--out", type=Path, help="output folder (default <workdir>/export)")
 
-    p = sub.add_parser("benchmark", help="onnxruntime latency/throughput vs PyTorch eager",
-                       description="Benchmark --onnx with onnxruntime (GPU providers first when present) at "
-                       "benchmark.batch_sizes, with PyTorch eager on --weights as the baseline; write <out>/bench.json.")
+    p = sub.add_parser("benchmark", help="onnxruntime latency/throughput/memory vs PyTorch eager and compile",
+                       description="Benchmark --onnx and every other .onnx variant beside it on each of "
+                       "benchmark.providers (default: CUDA where it can run, and CPU) at benchmark.batch_sizes, "
+                       "with PyTorch eager and torch.compile on --weights on the same devices, in interleaved "
+                       "rounds; a serving sweep over benchmark.concurrency threads. Writes <out>/bench.json and "
+                       "<out>/bench.png; registers the model in MLflow (tracking.registered_model). A requested "
+                       "provider that cannot run fails, unless benchmark.allow_fallback=true.")
     _add_common(p)
     p.add_argument("--onnx", type=Path, help="model.onnx (default <workdir>/export/model.onnx)")
     p.add_argument("--weights", type=Path, help="PyTorch baseline weights (default <workdir>/finetune/model.safetensors)")
@@ -98,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.train.bench import add_bench_train_parser
 
     add_shards_parser(sub)
+    from pipeline.export.predict import add_predict_parser
+
+    add_predict_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step",
                            description="Benchmarks that print ratios against baselines measured in the same run.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
@@ -130,6 +139,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.data.bench_prepare import run_bench_prepare
 
         return run_bench_prepare(args)
+    if args.command == "predict":  # takes a model and images, not a recipe
+        from pipeline.export.predict import run_predict
+
+        return run_predict(args)
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
         from pipeline.data.shards_cli import run_bench_data, run_shards
 
@@ -148,7 +161,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from pipeline.train.stage_runner import TrainingPreempted
     from stages import benchmark, export, finetune, prepare, pretrain
 
-    from stages.recipe import dataset_manifest, stage_dirs
+    from stages.recipe import dataset_manifest, registered_model_name, stage_dirs
 
     dirs = stage_dirs(workdir)
     out = args.out or dirs[args.command]
@@ -168,7 +181,8 @@ def dispatch(args: argparse.Namespace) -> int:
             result = export.run(cfg.export, weights, manifest, out, tracker, args.force)
         else:
             onnx_path = args.onnx or dirs["export"] / "model.onnx"
-            result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force)
+            result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force,
+                                   registered_model=registered_model_name(cfg))
         status = "FINISHED"
     except TrainingPreempted:
         status = "KILLED"
