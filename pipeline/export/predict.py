@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.loader import make_transform
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
-from pipeline.export.onnx_file_checks import check_input_shape
+from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 
 SUPPORTED_RESIZE = ("bicubic",)
 
@@ -103,6 +103,7 @@ def _onnx_metadata(path: Path) -> dict:
 
 
 def _onnx_predictor(path: Path, providers: Sequence[str] | None) -> Predictor:
+    check_external_data(path)  # a hostile file is refused before anything else reads it
     prep = Preprocessing.from_metadata(_onnx_metadata(path), str(path))
     check_input_shape(path, INPUT_NAME, prep.in_channels, prep.image_size)
     session, used = ort_session(path, providers=providers)

@@ -177,6 +177,24 @@ def _cuda_device_problem() -> str | None:
     return None
 
 
+def needed_libraries(provider: str) -> list[str]:
+    """The non-system libraries `provider`'s shared library needs: its DT_NEEDED, plus cuDNN for CUDA
+    (dlopened at session creation, so not listed there; its major from the wheel's metadata)."""
+    lib = provider_library(provider)
+    if lib is None or not lib.is_file():
+        return []
+    needed = [s for s in elf_needed(lib) if not _SYSTEM_SONAME.match(s)]
+    if provider == CUDA and (cudnn := onnxruntime_package()["cudnn_major"]):
+        needed.append(f"libcudnn.so.{cudnn}")
+    return needed
+
+
+def missing_libraries(provider: str) -> list[str]:
+    """The libraries of `needed_libraries` the dynamic loader cannot find in this process, except the
+    driver (libcuda.so.1), which a container gets from the host at run time, not at build time."""
+    return [s for s in needed_libraries(provider) if s != "libcuda.so.1" and not _loadable(s)]
+
+
 @functools.lru_cache(maxsize=None)
 def provider_problem(provider: str) -> str | None:
     """Why `provider` cannot run in this process (None: it can); the first missing library is named."""
@@ -192,20 +210,14 @@ def provider_problem(provider: str) -> str | None:
         return None
     if not lib.is_file():
         return f"{lib.name} missing from {lib.parent}"
-    needed = [s for s in elf_needed(lib) if not _SYSTEM_SONAME.match(s)]
-    if provider == CUDA and (cudnn := onnxruntime_package()["cudnn_major"]):
-        needed.append(f"libcudnn.so.{cudnn}")  # dlopened at session creation, not listed in DT_NEEDED
-    for soname in needed:
-        if soname == "libcuda.so.1":
-            continue  # the driver: checked with a device query below
-        if not _loadable(soname):
-            other = _installed_instead(soname)
-            if other:
-                pkg = onnxruntime_package()
-                return (f"{soname} missing, {other} installed instead: version mismatch ({pkg['package']} "
-                        f"{pkg['version']} is built for CUDA {pkg['cuda_major']})")
-            return f"{soname} missing"
-    return _cuda_device_problem()
+    for soname in missing_libraries(provider):  # the first one is the reason
+        other = _installed_instead(soname)
+        if other:
+            pkg = onnxruntime_package()
+            return (f"{soname} missing, {other} installed instead: version mismatch ({pkg['package']} "
+                    f"{pkg['version']} is built for CUDA {pkg['cuda_major']})")
+        return f"{soname} missing"
+    return _cuda_device_problem()  # the libraries load: is there a driver and a device?
 
 
 @dataclass(frozen=True)
