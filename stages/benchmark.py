@@ -21,7 +21,7 @@ from typing import Sequence
 from pipeline.atomic import write_json
 from pipeline.config import BenchmarkConfig
 from pipeline.export.benchmark import (
-    Candidate, compare, concurrency_sweep, environment, fallback_notices, format_table, measure, onnx_candidate,
+    bench_input, compare, concurrency_sweep, environment, fallback_notices, format_table, measure, onnx_candidate,
     torch_candidate,
 )
 from pipeline.export.benchmark_plot import plot_benchmark
@@ -122,43 +122,13 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     tracker.log_params({"benchmark": cfg})
 
     requested = list(bench.providers) if bench.providers else default_providers()
-    common = dict(in_channels=in_ch, image_size=(h, w))
-    # Every provider is checked (and fails the stage) before anything is timed.
-    ort = [onnx_candidate(v.name, v.path, p, batch_sizes=bench.batch_sizes, threads=bench.threads,
-                          allow_fallback=bench.allow_fallback, io_binding=bench.io_binding,
-                          cuda_graph=bench.cuda_graph, tensorrt_fp16=bench.tensorrt_fp16,
-                          trt_cache=trt_cache_dir(out_dir) if p == "TensorrtExecutionProvider" else None, **common)
-           for v in variants for p in requested]
-    ort = _without_duplicates(ort)
-    devices = sorted({c.device for c in ort}, key=["cuda", "cpu"].index)
-    modes = ["eager"] + (["compile"] if bench.torch_compile else [])
-    baselines = [torch_candidate(model, m, d, **common) for d in devices for m in modes]
-    rows = measure(ort + baselines, bench.batch_sizes, warmup=bench.warmup, iterations=bench.iterations,
-                   rounds=bench.rounds, threads=bench.threads)
-    ort_rows = [r for r in rows if r["runtime"] == "onnxruntime"]
-    torch_rows = [r for r in rows if r["runtime"] == "torch"]
-    if not bench.torch_compile:
-        torch_rows += [{"runtime": "torch", "mode": "compile", "device": d, "batch_size": b, "providers": [f"torch-{d}"],
-                        "error": "skipped: benchmark.torch_compile is false"} for d in devices for b in bench.batch_sizes]
-    sweep = concurrency_sweep(ort, bench.concurrency, batch_size=bench.concurrency_batch,
-                              iterations=bench.iterations, rounds=bench.rounds)
-    comparison = compare(ort_rows, torch_rows)
-    notices = fallback_notices([c.resolved for c in ort if c.resolved])
-    providers = list(dict.fromkeys(p for c in ort for p in c.providers))
-    result = {"onnx": str(variants[0].path), "variants": {v.name: str(v.path) for v in variants},
-              "rows": comparison, "onnxruntime": ort_rows, "torch": torch_rows, "concurrency": sweep,
-              "providers": providers, "requested_providers": requested,
-              "fallback": [{"requested": c.resolved.requested, "ran": c.resolved.runs, "reason": c.resolved.reason,
-                            "notice": c.resolved.notice(), "variant": c.name}
-                           for c in ort if c.resolved and c.resolved.fallback],
-              "notices": notices, "environment": environment(bench.threads), "config": cfg}
-    for r in comparison:
-        suffix = f"{r['variant']}_{r['ort_providers'][0].removesuffix('ExecutionProvider')}_b{r['batch_size']}"
-        tracker.log_metrics({f"ort_images_per_s_{suffix}": r["ort_images_per_s"],
-                             f"torch_images_per_s_{suffix}": r["torch_images_per_s"],
-                             f"ort_p50_ms_{suffix}": r["ort_p50_ms"], f"speedup_{suffix}": r["speedup"]})
-    plot = plot_benchmark(ort_rows + torch_rows, sweep, out_dir / "bench.png", notices,
-                          title=f"{variants[0].path.parent.name}: {', '.join(v.name for v in variants)}")
+    ort, rows, sweep = _time_candidates(bench, variants, model, requested, out_dir, in_channels=in_ch, image_size=(h, w))
+    result = _result(bench, variants, ort, rows, sweep, requested)
+    _log_metrics(tracker, result["rows"])
+    load = result["environment"]["load_avg_1m"]
+    plot = plot_benchmark(result["onnxruntime"] + result["torch"], result["concurrency"], out_dir / "bench.png",
+                          result["notices"], title=f"vitpipe benchmark: {', '.join(v.name for v in variants)} "
+                          f"on {', '.join(result['providers'])} (load average {load:.1f} at the end)")
     result["plot"] = str(plot)
     if registered_model:
         result["registered"] = _register(tracker, variants[0].path, meta, result, registered_model, in_ch, (h, w))
@@ -167,9 +137,54 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     tracker.log_artifact(path)
     tracker.log_artifact(plot)
     record.finish(out_dir, "benchmark", fp, [path, plot], result)
-    print(f"[benchmark] onnxruntime providers used: {', '.join(providers)}")
+    print(f"[benchmark] onnxruntime providers used: {', '.join(result['providers'])}")
     print(bench_table(result))
     return result
+
+
+def _time_candidates(bench: BenchmarkConfig, variants: list[Variant], model, requested: list[str], out_dir: Path,
+                     **common) -> tuple[list, list[dict], list[dict]]:
+    """Open a session per variant x provider (each provider checked, failing the stage before anything
+    is timed), add the PyTorch baselines on the devices they run on, time them all, then the sweep."""
+    ort = [onnx_candidate(v.name, v.path, p, batch_sizes=bench.batch_sizes, threads=bench.threads,
+                          allow_fallback=bench.allow_fallback, io_binding=bench.io_binding,
+                          cuda_graph=bench.cuda_graph, tensorrt_fp16=bench.tensorrt_fp16,
+                          trt_cache=trt_cache_dir(out_dir) if p == "TensorrtExecutionProvider" else None, **common)
+           for v in variants for p in requested]
+    devices = sorted({c.device for c in ort}, key=["cuda", "cpu"].index)
+    modes = ["eager"] + (["compile"] if bench.torch_compile else [])
+    baselines = [torch_candidate(model, m, d, **common) for d in devices for m in modes]
+    rows = measure(ort + baselines, bench.batch_sizes, warmup=bench.warmup, iterations=bench.iterations,
+                   rounds=bench.rounds, threads=bench.threads)
+    if not bench.torch_compile:
+        rows += [{"runtime": "torch", "mode": "compile", "device": d, "batch_size": b, "providers": [f"torch-{d}"],
+                  "error": "skipped: benchmark.torch_compile is false"} for d in devices for b in bench.batch_sizes]
+    sweep = concurrency_sweep(ort, bench.concurrency, batch_size=bench.concurrency_batch,
+                              iterations=bench.iterations, rounds=bench.rounds)
+    return ort, rows, sweep
+
+
+def _result(bench: BenchmarkConfig, variants: list[Variant], ort: list, rows: list[dict], sweep: list[dict],
+            requested: list[str]) -> dict:
+    """What bench.json holds."""
+    ort_rows = [r for r in rows if r["runtime"] == "onnxruntime"]
+    torch_rows = [r for r in rows if r["runtime"] == "torch"]
+    fallbacks = [c.resolved for c in ort if c.resolved and c.resolved.fallback]
+    return {"onnx": str(variants[0].path), "variants": {v.name: str(v.path) for v in variants},
+            "rows": compare(ort_rows, torch_rows), "onnxruntime": ort_rows, "torch": torch_rows, "concurrency": sweep,
+            "providers": list(dict.fromkeys(p for c in ort for p in c.providers)), "requested_providers": requested,
+            "fallback": [{"requested": r.requested, "ran": r.runs, "reason": r.reason, "notice": r.notice()}
+                         for r in fallbacks],
+            "notices": fallback_notices(fallbacks), "environment": environment(bench.threads),
+            "config": dataclasses.asdict(bench)}
+
+
+def _log_metrics(tracker: Tracker, comparison: list[dict]) -> None:
+    for r in comparison:
+        suffix = f"{r['variant']}_{r['ort_providers'][0].removesuffix('ExecutionProvider')}_b{r['batch_size']}"
+        tracker.log_metrics({f"ort_images_per_s_{suffix}": r["ort_images_per_s"],
+                             f"torch_images_per_s_{suffix}": r["torch_images_per_s"],
+                             f"ort_p50_ms_{suffix}": r["ort_p50_ms"], f"speedup_{suffix}": r["speedup"]})
 
 
 def bench_table(result: dict) -> str:
@@ -181,29 +196,13 @@ def bench_table(result: dict) -> str:
                   format_table([{k: r[k] for k in ("variant", "providers", "threads", "batch_size", "images_per_s",
                                                    "latency_ms_p50", "latency_ms_p99", "scaling_per_thread")}
                                 for r in result["concurrency"]])]
-    errors = {r["error"] for r in result.get("torch", []) if "error" in r}
-    lines += [f"torch.compile: {e}" for e in sorted(errors)]
+    errors = {(r["mode"], r["device"], r["error"]) for r in result.get("torch", []) if "error" in r}
+    lines += [f"torch {mode} ({device}): {e}" for mode, device, e in sorted(errors)]
     return "\n".join(lines)
-
-
-def _without_duplicates(cands: list[Candidate]) -> list[Candidate]:
-    """A fallback that ends on a provider already measured for the same variant is not timed twice;
-    its notice is kept on the candidate that is."""
-    out: list[Candidate] = []
-    for c in cands:
-        twin = next((o for o in out if o.name == c.name and o.providers == c.providers), None)
-        if twin is None:
-            out.append(c)
-        elif c.resolved and c.resolved.fallback and twin.resolved and not twin.resolved.fallback:
-            twin.info.update(c.info)
-            twin.resolved = c.resolved
-    return out
 
 
 def _register(tracker: Tracker, onnx_path: Path, meta: dict, result: dict, name: str, in_ch: int, hw) -> dict | None:
     """Log and register the primary variant with the figures a reviewer of the version needs as tags."""
-    from pipeline.export.benchmark import bench_input
-
     figures = _parity_and_accuracy(onnx_path, meta)
     first = next((r for r in result["onnxruntime"] if "error" not in r), None)
     tags = {"parity_max_abs_diff": figures["parity_max_abs_diff"],

@@ -43,7 +43,7 @@ from torch import nn
 
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, _device, _eval_mode, _hw, ort_session
 from pipeline.export.providers import (
-    CPU, CUDA, GPU_PROVIDERS, TENSORRT, ResolvedProvider, check_session_providers, resolve_requested, short_name,
+    CPU, CUDA, GPU_PROVIDERS, TENSORRT, ResolvedProvider, check_session_providers, resolve_requested,
 )
 
 INPUT_SEED = 0
@@ -107,7 +107,10 @@ class PeakMemory:
                      ("cuda", "torch"): "cuda_peak_allocated", ("cuda", "onnxruntime"): "cuda_used_delta"}[(device, runtime)]
 
     def __enter__(self) -> "PeakMemory":
-        if self.device == "cuda":
+        if self.device == "cuda" and not torch.cuda.is_available():  # onnxruntime-gpu beside a CPU torch
+            self.kind = "unavailable (this torch has no CUDA to query device memory)"
+            self.device = "none"
+        elif self.device == "cuda":
             torch.cuda.synchronize()
             if self.runtime == "torch":
                 self._base = torch.cuda.memory_allocated()
@@ -121,7 +124,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
-        if exc[0] is not None:
+        if exc[0] is not None or self.device == "none":
             return
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -153,13 +156,6 @@ class Candidate:
     info: dict = field(default_factory=dict)  # extra row columns (requested provider, fallback, io_binding, ...)
     error: str | None = None  # set when it could not run at all (e.g. torch.compile without a compiler)
     resolved: ResolvedProvider | None = None  # onnxruntime: the provider requested, the one that ran, why
-
-    @property
-    def label(self) -> str:
-        """How the table and the plot name it, e.g. "ORT model (CPU)", "torch eager (cpu)"."""
-        if self.runtime == "onnxruntime":
-            return f"ORT {self.name} ({short_name(self.providers[0])})"
-        return f"torch {self.name} ({self.device})"
 
 
 def _ort_input(session, batch: int, in_channels: int, image_size) -> np.ndarray:
@@ -283,6 +279,10 @@ def torch_candidate(model: nn.Module, mode: str, device: str, *, in_channels: in
     """PyTorch fp32 under inference_mode on `device`, eager or torch.compile (inductor); a compile that
     cannot work here (no C++ compiler, an unsupported backend) gives a candidate with `error` set."""
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        # onnxruntime-gpu runs on the GPU, this torch cannot: say so rather than compare across devices
+        return Candidate("torch", mode, "cuda", ["torch-cuda"], lambda b: (lambda: None), info={"mode": mode},
+                         error=f"this torch build ({torch.__version__}) has no CUDA: no PyTorch baseline on the GPU")
     net = model if _device(model) == dev else copy.deepcopy(model).to(dev)
     net.eval()
     forward_module = net
