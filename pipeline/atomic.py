@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Any
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary name beside `path`, then rename it into place."""
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to a temporary name beside `path`, then rename it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary name beside `path`, then rename it into place."""
+    return write_bytes(path, text.encode())
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:

@@ -18,7 +18,9 @@ stages and their files (see docs in ARCHITECTURE.md):
   pretrain   manifest          -> pretrain/model.safetensors + model.json (+ checkpoints/)
   finetune   weights, manifest -> finetune/model.safetensors + model.json at the new resolution
   export     weights, manifest -> export/model.onnx (+ model.<variant>.onnx) + model.onnx.json (checked)
-  benchmark  model.onnx        -> benchmark/bench.json (onnxruntime vs PyTorch eager)
+  benchmark  model.onnx        -> benchmark/bench.json + bench.png (every variant x provider vs PyTorch),
+                                  then the model registered in MLflow
+  predict    model, images     -> top-k classes (model.onnx, weights pair or models:/<name>/<version>)
   run        all of the above in order, plus summary.json
   import-weights  a timm / Hugging Face / Google .npz ViT checkpoint -> model.safetensors + model.json
   study      the claims over seeds: resolution gain, pos-embed ablation (stages reused)
@@ -83,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default <workdir>/prepare/manifest.json)")
     p.add_argument("--out", type=Path, help="output folder (default <workdir>/export)")
 
-    p = sub.add_parser("benchmark", help="onnxruntime latency/throughput vs PyTorch eager",
-                       description="Benchmark --onnx with onnxruntime (GPU providers first when present) at "
-                       "benchmark.batch_sizes, with PyTorch eager on --weights as the baseline; write <out>/bench.json.")
+    p = sub.add_parser("benchmark", help="onnxruntime latency/throughput/memory vs PyTorch eager and compile",
+                       description="Benchmark --onnx and every other .onnx variant beside it on each of "
+                       "benchmark.providers (default: CUDA where it can run, and CPU) at benchmark.batch_sizes, "
+                       "with PyTorch eager and torch.compile on --weights on the same devices, in interleaved "
+                       "rounds; a serving sweep over benchmark.concurrency threads. Writes <out>/bench.json and "
+                       "<out>/bench.png; registers the model in MLflow (tracking.registered_model). A requested "
+                       "provider that cannot run fails, unless benchmark.allow_fallback=true.")
     _add_common(p)
     p.add_argument("--onnx", type=Path, help="model.onnx (default <workdir>/export/model.onnx)")
     p.add_argument("--weights", type=Path, help="PyTorch baseline weights (default <workdir>/finetune/model.safetensors)")
@@ -119,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.eval.fewshot_cli import add_eval_parser
 
     add_eval_parser(sub)
+    from pipeline.export.predict import add_predict_parser
+
+    add_predict_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step",
                            description="Benchmarks that print ratios against baselines measured in the same run.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
@@ -168,6 +177,10 @@ def dispatch(args: argparse.Namespace) -> int:
               f"{args.out}: width {arch['width']}, depth {arch['depth']}, heads {arch['heads']}, patch "
               f"{arch['patch_size']}, {meta['image_size'][0]}x{meta['image_size'][1]} px, {meta['num_classes']} classes")
         return 0
+    if args.command == "predict":  # takes a model and images, not a recipe
+        from pipeline.export.predict import run_predict
+
+        return run_predict(args)
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
         from pipeline.data.shards_cli import run_bench_data, run_shards
 
@@ -190,7 +203,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from pipeline.train.stage_runner import TrainingPreempted
     from stages import benchmark, export, finetune, prepare, pretrain
 
-    from stages.recipe import dataset_manifest, stage_dirs
+    from stages.recipe import dataset_manifest, registered_model_name, stage_dirs
 
     dirs = stage_dirs(workdir)
     if args.command == "eval":  # `vitpipe eval fewshot`: reads a weights pair, trains nothing
@@ -218,7 +231,8 @@ def dispatch(args: argparse.Namespace) -> int:
             result = export.run(cfg.export, weights, manifest, out, tracker, args.force)
         else:
             onnx_path = args.onnx or dirs["export"] / "model.onnx"
-            result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force)
+            result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force,
+                                   registered_model=registered_model_name(cfg))
         status = "FINISHED"
     except TrainingPreempted:
         status = "KILLED"

@@ -340,20 +340,42 @@ class ExportConfig:
     """Built graphs (optimized, fp16, int8) take any H, W divisible by the patch size and resample pos-embeds inside."""
 
 
+KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
 @dataclass
 class BenchmarkConfig:
-    """onnxruntime latency/throughput benchmark, with PyTorch eager as the baseline."""
+    """onnxruntime latency/throughput/memory of every exported variant on every provider, with PyTorch
+    eager and torch.compile on the same device as the baselines."""
 
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     """Batch sizes to measure."""
     warmup: int = 5
-    """Untimed runs before measuring each configuration."""
+    """Untimed runs before measuring each configuration, in every round."""
     iterations: int = 50
-    """Timed runs per configuration."""
+    """Timed runs per configuration and round."""
+    rounds: int = 3
+    """Interleaved rounds (every candidate once per round, order rotated); throughput and ratios use each one's best round."""
     providers: Optional[list[str]] = None
-    """onnxruntime execution providers to try in order; null: GPU providers first when present, then CPU."""
+    """Execution providers to benchmark, each one measured on its own (e.g. [TensorrtExecutionProvider, CUDAExecutionProvider]); null: CUDA where it can run here, and CPU."""
+    allow_fallback: bool = False
+    """Measure on CPU when a requested provider cannot run (said in bold in the table and bench.json); false: that fails the stage with the reason."""
+    variants: Optional[list[str]] = None
+    """ONNX variants to benchmark, by name (the file stem, e.g. model); null: every .onnx file in the export's folder."""
     threads: int = 0
     """Intra-op threads for onnxruntime and PyTorch (0: library default)."""
+    torch_compile: bool = True
+    """Also time torch.compile of the PyTorch model on the same device (compiling takes 15-60 s on a small CPU)."""
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Serving sweep: numbers of threads sharing one onnxruntime session; [] skips the sweep."""
+    concurrency_batch: int = 1
+    """Batch size each thread of the serving sweep sends."""
+    io_binding: bool = True
+    """CUDA/TensorRT: keep inputs and outputs on the device (OrtValue + IO binding) instead of copying through the host every run."""
+    cuda_graph: bool = True
+    """CUDA: capture a CUDA graph per batch size where onnxruntime allows it (the row says when it could not)."""
+    tensorrt_fp16: bool = True
+    """TensorRT: allow fp16 kernels; engines are cached in trt_cache/ beside the benchmark folder."""
 
 
 @dataclass
@@ -368,6 +390,10 @@ class TrackingConfig:
     """Turn tracking off entirely."""
     system_metrics_interval: float = 10.0
     """Seconds between MLflow system metrics (CPU, memory, GPU) from training rank 0; 0 disables."""
+    register_model: bool = True
+    """After the benchmark, log the exported model with mlflow.onnx and register it as a new model version."""
+    registered_model: Optional[str] = None
+    """Model-registry name for that version; null: the recipe name."""
 
 
 @dataclass
@@ -746,5 +772,28 @@ def validate(cfg: PipelineConfig) -> None:
     validate_export(cfg.export)
     if not cfg.benchmark.batch_sizes or any(b < 1 for b in cfg.benchmark.batch_sizes):
         raise ConfigError(f"benchmark.batch_sizes: need positive sizes, got {cfg.benchmark.batch_sizes}")
-    if cfg.benchmark.iterations < 1 or cfg.benchmark.warmup < 0:
-        raise ConfigError("benchmark.iterations must be >= 1 and benchmark.warmup >= 0")
+    validate_benchmark(cfg.benchmark)
+    if cfg.tracking.registered_model is not None and not re.fullmatch(r"[\w.\-/ ]+", cfg.tracking.registered_model):
+        raise ConfigError(f"tracking.registered_model: {cfg.tracking.registered_model!r}: use letters, digits, "
+                          "'.', '-', '_', '/' or spaces (or null for the recipe name)")
+
+
+def validate_benchmark(b: BenchmarkConfig, prefix: str = "benchmark.") -> None:
+    """Checks of the benchmark settings."""
+    if b.iterations < 1 or b.warmup < 0 or b.rounds < 1:
+        raise ConfigError(f"{prefix}iterations and {prefix}rounds must be >= 1 and {prefix}warmup >= 0; got "
+                          f"{b.iterations}, {b.rounds}, {b.warmup}")
+    for p in b.providers or []:
+        if p not in KNOWN_PROVIDERS:
+            raise ConfigError(f"{prefix}providers: unknown execution provider {p!r}; "
+                              f"{_suggest(p, list(KNOWN_PROVIDERS))}")
+    if b.providers is not None and (not b.providers or len(set(b.providers)) != len(b.providers)):
+        raise ConfigError(f"{prefix}providers: list each provider once (or null for what runs here), got {b.providers}")
+    if b.variants is not None and (not b.variants or len(set(b.variants)) != len(b.variants)):
+        raise ConfigError(f"{prefix}variants: list each variant once (or null for all), got {b.variants}")
+    if any(n < 1 for n in b.concurrency) or len(set(b.concurrency)) != len(b.concurrency):
+        raise ConfigError(f"{prefix}concurrency: distinct thread counts >= 1 (or [] to skip), got {b.concurrency}")
+    if b.concurrency_batch < 1:
+        raise ConfigError(f"{prefix}concurrency_batch: must be >= 1, got {b.concurrency_batch}")
+    if b.threads < 0:
+        raise ConfigError(f"{prefix}threads: must be >= 0 (0: library default), got {b.threads}")

@@ -253,3 +253,94 @@ def log_files(tracker: Tracker, paths: Iterable[str | Path]) -> None:
     for p in paths:
         if Path(p).is_file():
             tracker.log_artifact(p)
+
+
+# --------------------------------------------------------------------------- the model registry
+
+
+def model_requirements(package: dict) -> list[str]:
+    """pip requirements of a served ONNX model: the onnxruntime distribution that benchmarked it, pinned,
+    its onnx and numpy, and for onnxruntime-gpu the CUDA/cuDNN pip packages its wheel declares."""
+    from importlib import metadata
+
+    reqs = [f"{package['package']}=={package['version']}"]
+    for dist in ("onnx", "numpy"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if package["package"] == "onnxruntime-gpu":
+        reqs += list(package.get("pip", []))
+    return reqs
+
+
+def register_onnx_model(
+    tracker: Tracker,
+    onnx_path: str | Path,
+    *,
+    name: str,
+    input_example,
+    num_classes: int,
+    metadata: Mapping[str, Any],
+    pip_requirements: list[str],
+    providers: list[str],
+    tags: Mapping[str, Any],
+) -> dict | None:
+    """Log `onnx_path` to the tracker's run with mlflow.onnx (signature, input example, pinned pip
+    requirements, the providers it ran on) and register it as a new version of `name`, tagged.
+    Returns {"name", "version", "model_uri", "registry_uri"}; None when tracking is off."""
+    if not isinstance(tracker, MLflowTracker):
+        return None
+    import mlflow
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    example = np.asarray(input_example, dtype=np.float32)  # (1, C, H, W)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), name="images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(num_classes)), name="logits")]),
+    )
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mlflow.set_registry_uri(tracker.tracking_uri)
+    model = onnx.load(str(onnx_path))  # external data (if any) was checked to stay in the model's folder
+    info = mlflow.onnx.log_model(
+        model, name="model", run_id=tracker.run_id, signature=signature, input_example=example,
+        pip_requirements=pip_requirements, onnx_execution_providers=providers,
+        metadata={"vitpipe": json.loads(json.dumps(metadata, default=str))},
+        save_as_external_data=model.ByteSize() > (1 << 30),  # inline below 1 GB: one file to ship
+    )
+    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    uri = f"models:/{name}/{version.version}"
+    tracker.set_tags({"vitpipe.registered_model": uri})
+    return {"name": name, "version": int(version.version), "model_uri": uri, "logged_model_uri": info.model_uri,
+            "registry_uri": tracker.tracking_uri}
+
+
+def load_registered_model(model_uri: str, tracking_uri: str | None = None):
+    """(predict function images -> logits, the vitpipe metadata) of a `models:/name/version` URI.
+
+    The tracking/registry store is MLFLOW_TRACKING_URI (or `tracking_uri`), as for every other command."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as e:
+        raise FileNotFoundError(f"{model_uri}: cannot load this registered model from "
+                                f"{mlflow.get_registry_uri()}: {str(e).splitlines()[0]}") from None
+    meta = (model.metadata.metadata or {}).get("vitpipe") if model.metadata else None
+    if not meta:
+        raise ValueError(f"{model_uri}: no vitpipe preprocessing metadata in this model (was it logged by vitpipe?)")
+
+    def predict(images):
+        out = model.predict(np.asarray(images, dtype=np.float32))
+        return np.asarray(out["logits"] if isinstance(out, dict) else out)
+
+    return predict, meta

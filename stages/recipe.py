@@ -58,8 +58,16 @@ def _run_stage(name: str, cfg: PipelineConfig, workdir: Path, d: dict[str, Path]
     if name == "export":
         return export.run(cfg.export, weights, manifest, d["export"], tracker, force)
     if name == "benchmark":
-        return benchmark.run(cfg.benchmark, d["export"] / "model.onnx", weights, d["benchmark"], tracker, force)
+        return benchmark.run(cfg.benchmark, d["export"] / "model.onnx", weights, d["benchmark"], tracker, force,
+                             registered_model=registered_model_name(cfg))
     raise ValueError(f"unknown stage {name!r}")
+
+
+def registered_model_name(cfg: PipelineConfig) -> str | None:
+    """The registry name the benchmark stage registers the exported model under; None: no registration."""
+    if not (cfg.tracking.enabled and cfg.tracking.register_model):
+        return None
+    return cfg.tracking.registered_model or cfg.name
 
 
 def _fmt(x, spec=".4f") -> str:
@@ -97,11 +105,16 @@ def summary_table(summary: dict) -> str:
         lines.append("")
     bench = summary.get("benchmark") or {}
     if bench.get("rows"):
-        lines.append(f"{'batch':>5} {'ORT p50 ms':>11} {'torch p50 ms':>13} {'ORT img/s':>10} {'torch img/s':>12} {'ORT/torch':>10}")
+        lines += list(bench.get("notices") or [])  # a fallback changes what every figure below means
+        lines.append(f"{'variant':<12} {'batch':>5} {'ORT p50 ms':>11} {'torch p50 ms':>13} {'ORT img/s':>10} "
+                     f"{'torch img/s':>12} {'ORT/torch':>10}")
         for r in bench["rows"]:
-            lines.append(f"{r['batch_size']:>5} {r['ort_p50_ms']:>11.3f} {r['torch_p50_ms']:>13.3f} "
-                         f"{r['ort_images_per_s']:>10.1f} {r['torch_images_per_s']:>12.1f} {r['speedup']:>9.2f}x")
+            lines.append(f"{str(r.get('variant') or '-'):<12} {r['batch_size']:>5} {r['ort_p50_ms']:>11.3f} "
+                         f"{r['torch_p50_ms']:>13.3f} {r['ort_images_per_s']:>10.1f} {r['torch_images_per_s']:>12.1f} "
+                         f"{r['speedup']:>9.2f}x")
         lines.append(f"onnxruntime providers used: {', '.join(bench.get('providers', []))}")
+        if bench.get("registered"):
+            lines.append(f"registered: {bench['registered']['model_uri']}")
     return "\n".join(lines)
 
 

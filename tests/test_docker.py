@@ -148,3 +148,35 @@ def test_compose_runs_mlflow_on_postgres_and_minio():
     assert mlflow["environment"]["BACKEND_STORE_URI"].startswith("postgresql://")
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert {"postgres-data", "minio-data"} <= set(compose["volumes"])
+
+
+def test_cuda_image_and_the_onnxruntime_gpu_wheel_link_the_same_cuda_major():
+    """The wheel's own libraries say which CUDA and cuDNN it needs: the CUDA provider's DT_NEEDED
+    (libcudart.so.N, libcublasLt.so.N) and the wheel's cudnn extra; the image's base tag, torch index
+    and CUDNN_MAJOR must agree with them (today's bug: a CUDA 12.8 image for a wheel linking .so.13)."""
+    from importlib import metadata
+
+    from pipeline.export.providers import CUDA, elf_needed, onnxruntime_package, provider_library, soname_major
+
+    ins = instructions("Dockerfile.cuda")
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    base = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-devel-ubuntu\d+\.\d+$", ins[0][1])
+    assert base, f"base image {ins[0][1]!r}: expected nvidia/cuda:<X.Y.Z>-cudnn-devel-ubuntu<version>"
+    image_cuda = int(base.group(1))
+    try:
+        installed = metadata.version("onnxruntime-gpu")
+    except metadata.PackageNotFoundError:
+        pytest.skip("onnxruntime-gpu is not installed here (not Linux x86_64): no wheel to read")
+    # The wheel read below must be the one the image installs.
+    assert args["ONNXRUNTIME_GPU_VERSION"] == installed, (args["ONNXRUNTIME_GPU_VERSION"], installed)
+    lib = provider_library(CUDA)
+    needed = elf_needed(lib)
+    majors = {s.split(".so")[0]: soname_major(s) for s in needed if s.startswith(("libcudart.so", "libcublasLt.so"))}
+    assert set(majors) == {"libcudart", "libcublasLt"}, needed
+    assert set(majors.values()) == {image_cuda}, f"{lib.name} links {majors}; the image is CUDA {image_cuda}"
+    assert onnxruntime_package()["cuda_major"] == image_cuda
+    torch_cuda = re.search(r"/whl/cu(\d+)$", args["TORCH_INDEX"])
+    assert torch_cuda and int(torch_cuda.group(1)[:-1]) == image_cuda, args["TORCH_INDEX"]
+    assert int(args["CUDNN_MAJOR"]) == onnxruntime_package()["cudnn_major"]
+    run = " ".join(a for k, a in ins if k == "RUN")
+    assert "missing_libraries" in run and 'libcudnn.so.${CUDNN_MAJOR}' in run  # the build checks it as well

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.export.onnx_file_checks import check_external_data
+from pipeline.export.providers import default_providers as usable_default_providers
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
@@ -308,11 +311,8 @@ def verify_onnx(
 
 
 def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, then CPU (always present)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    """CUDA first when it can really run here (its libraries load, a device exists), then CPU."""
+    return usable_default_providers()
 
 
 def physical_cores() -> int:
@@ -359,6 +359,7 @@ def ort_session(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ONNX model not found")
+    check_external_data(path)  # before onnxruntime reads any weights file the model names
     options = session_options(threads, spinning)
     requested = list(providers) if providers else default_providers()
     try:

@@ -1,0 +1,234 @@
+"""`vitpipe predict MODEL IMAGE...`: top-k classes of image files, from any form of the model.
+
+MODEL is a model.onnx (preprocessing from model.onnx.json beside it, else from the file's
+metadata_props), a weights pair (model.safetensors / model.json / their folder, run in PyTorch),
+a folder holding either, or a registry URI ``models:/<name>/<version>`` (the metadata logged
+with it). Every form goes through the one image transform training and evaluation use
+(`pipeline.data.loader.make_transform`: to L or RGB, bicubic resize, /255, (x - mean) / std), so
+the same image gives the same input tensor whichever form is asked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.loader import make_transform
+from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
+from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
+
+SUPPORTED_RESIZE = ("bicubic",)
+
+
+@dataclass
+class Preprocessing:
+    """What turns an image file into the model's input, and its logits into names."""
+
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    resize: str = "bicubic"
+
+    @classmethod
+    def from_metadata(cls, meta: dict, where: str) -> "Preprocessing":
+        """From model.onnx.json / registry metadata ({"input": {"shape", "mean", "std"}, "class_names"})
+        or model.json ({"architecture": {"in_channels"}, "image_size", "mean", "std", "class_names"})."""
+        try:
+            if "input" in meta:
+                _, c, h, w = meta["input"]["shape"]
+                mean, std = meta["input"]["mean"], meta["input"]["std"]
+                resize = meta["input"].get("resize", "bicubic")
+                n = meta.get("num_classes") or (meta.get("output", {}).get("shape") or [None, None])[1]
+            else:
+                c = meta["architecture"]["in_channels"]
+                h, w = meta["image_size"]
+                mean, std, resize, n = meta["mean"], meta["std"], "bicubic", meta["num_classes"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: preprocessing metadata is incomplete ({type(e).__name__}: {e}); it needs "
+                             "the input shape (batch, C, H, W), mean and std") from None
+        if resize not in SUPPORTED_RESIZE:
+            raise ValueError(f"{where}: resize rule {resize!r} is not supported (only {', '.join(SUPPORTED_RESIZE)})")
+        if h != w:
+            raise ValueError(f"{where}: non-square input {h}x{w} is not supported by the image transform")
+        names = meta.get("class_names") or ([str(i) for i in range(int(n))] if n else [])
+        return cls(int(c), (int(h), int(w)), list(mean), list(std), [str(x) for x in names], resize)
+
+
+@dataclass
+class Predictor:
+    """A model in any form: preprocessing, and a function from (N, C, H, W) float32 to logits (N, classes)."""
+
+    source: str
+    kind: str  # "onnx" | "weights" | "registry"
+    preprocessing: Preprocessing
+    logits: Callable[[np.ndarray], np.ndarray]
+    providers: list[str]
+
+
+def _onnx_metadata(path: Path) -> dict:
+    """model.onnx.json beside the file, else the ONNX metadata_props (values JSON where they parse)."""
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file():
+        try:
+            return json.loads(sidecar.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{sidecar}: not valid JSON: {e}") from None
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {}
+    for p in proto.metadata_props:
+        try:
+            props[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            props[p.key] = p.value
+    for key in ("vitpipe", "preprocessing"):  # one JSON blob holding everything
+        if isinstance(props.get(key), dict):
+            return props[key]
+    if {"mean", "std"} <= props.keys():
+        dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+        return {"input": {"shape": props.get("input_shape", dims), "mean": props["mean"], "std": props["std"],
+                          "resize": props.get("resize", "bicubic")}, "class_names": props.get("class_names")}
+    raise ValueError(f"{path}: no preprocessing metadata: neither {sidecar.name} beside it nor mean/std in its "
+                     "metadata_props")
+
+
+def _onnx_predictor(path: Path, providers: Sequence[str] | None) -> Predictor:
+    check_external_data(path)  # a hostile file is refused before anything else reads it
+    prep = Preprocessing.from_metadata(_onnx_metadata(path), str(path))
+    check_input_shape(path, INPUT_NAME, prep.in_channels, prep.image_size)
+    session, used = ort_session(path, providers=providers)
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(dtype, copy=False)})[0], dtype=np.float32)
+
+    return Predictor(str(path), "onnx", prep, logits, used)
+
+
+def _weights_predictor(path: Path) -> Predictor:
+    from pipeline.model.weights import model_from_pair
+
+    model, meta = model_from_pair(path)
+    model.eval()
+    prep = Preprocessing.from_metadata(meta, str(path))
+
+    @torch.inference_mode()
+    def logits(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x)).float().numpy()
+
+    return Predictor(str(path), "weights", prep, logits, ["torch-cpu"])
+
+
+def _registry_predictor(uri: str) -> Predictor:
+    from pipeline.track import load_registered_model
+
+    logits, meta = load_registered_model(uri)
+    return Predictor(uri, "registry", Preprocessing.from_metadata(meta, uri), logits, ["mlflow.pyfunc"])
+
+
+def load_predictor(model: str | Path, providers: Sequence[str] | None = None) -> Predictor:
+    """The predictor for MODEL: a models:/ URI, a .onnx file, a weights pair, or a folder with one of them."""
+    text = str(model)
+    if text.startswith("models:/"):
+        return _registry_predictor(text)
+    path = Path(model)
+    if path.is_dir():
+        for candidate in ("model.onnx", "model.safetensors"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.onnx or model.safetensors in this folder")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model not found (expected a model.onnx, a weights pair "
+                                "model.safetensors/model.json, or a models:/<name>/<version> URI)")
+    if path.suffix == ".onnx":
+        return _onnx_predictor(path, providers)
+    if path.suffix in (".safetensors", ".json"):
+        return _weights_predictor(path)
+    raise ValueError(f"{path}: not a model: expected a .onnx file, a weights pair (.safetensors/.json) or a "
+                     "models:/<name>/<version> URI")
+
+
+def load_images(paths: Sequence[str | Path], prep: Preprocessing) -> np.ndarray:
+    """(N, C, H, W) float32 of the image files, each named in the error if it is missing or unreadable."""
+    transform = make_transform(prep.image_size[0], prep.in_channels, prep.mean, prep.std)
+    batch = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: image not found")
+        try:
+            with Image.open(p) as img:
+                img.load()
+                batch.append(transform(img).numpy())
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{p}: cannot read this image ({type(e).__name__}: {e})") from None
+    if not batch:
+        raise ValueError("no images given")
+    return np.stack(batch).astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable: the row maximum is subtracted first)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict(predictor: Predictor, images: Sequence[str | Path], top_k: int = 5, batch_size: int = 64) -> list[dict]:
+    """Per image: its path and the top-k {"class", "index", "probability"}, most probable first."""
+    if top_k < 1:
+        raise ValueError(f"--top-k: must be >= 1, got {top_k}")
+    x = load_images(images, predictor.preprocessing)
+    logits = np.concatenate([predictor.logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    names = predictor.preprocessing.class_names
+    if names and len(names) != logits.shape[1]:
+        raise ValueError(f"{predictor.source}: {logits.shape[1]} outputs but {len(names)} class names in its metadata")
+    probs = softmax(logits)
+    out = []
+    for path, p in zip(images, probs):
+        order = np.argsort(-p, kind="stable")[: min(top_k, len(p))]
+        out.append({"image": str(path), "top_k": [
+            {"class": names[i] if names else str(i), "index": int(i), "probability": float(p[i])} for i in order]})
+    return out
+
+
+def run_predict(args) -> int:
+    """The `vitpipe predict` command: print a line per image (or JSON with --json)."""
+    predictor = load_predictor(args.model, providers=args.providers)
+    results = predict(predictor, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"model": predictor.source, "kind": predictor.kind, "providers": predictor.providers,
+                          "predictions": results}, indent=2))
+        return 0
+    for r in results:
+        best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
+        print(f"{r['image']}: {best}")
+    print(f"({predictor.kind} model {predictor.source}, {', '.join(predictor.providers)})", file=sys.stderr)
+    return 0
+
+
+def add_predict_parser(sub) -> None:
+    """`vitpipe predict MODEL IMAGE... [--top-k K] [--json]`."""
+    p = sub.add_parser("predict", help="top-k classes of image files (model.onnx, weights pair or models:/ URI)",
+                       description="Classify PNG/JPEG files with a model.onnx (preprocessing from model.onnx.json), "
+                       "a weights pair (PyTorch) or a registered model models:/<name>/<version> (the registry at "
+                       "MLFLOW_TRACKING_URI). Prints the top-k class names and probabilities per image.")
+    p.add_argument("model", help="model.onnx, model.safetensors/model.json (or their folder), or models:/<name>/<version>")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.add_argument("--providers", nargs="+", metavar="PROVIDER",
+                   help="onnxruntime execution providers for a .onnx model (default: CUDA where it runs, else CPU)")
+
