@@ -98,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.train.bench import add_bench_train_parser
 
     add_shards_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step",
+    bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step, hybrid vs plain",
                            description="Benchmarks that print ratios against baselines measured in the same run.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
     add_bench_data_parser(bench_sub)
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
+    from stages.compare_hybrid import add_bench_hybrid_parser
+
+    add_bench_hybrid_parser(bench_sub)
     return parser
 
 
@@ -126,6 +129,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.train.bench import run_bench_train
 
         return run_bench_train(args)
+    if args.command == "bench" and args.bench_command == "hybrid":
+        from stages.compare_hybrid import run_bench_hybrid
+
+        return run_bench_hybrid(args)
     if args.command == "bench" and args.bench_command == "prepare":
         from pipeline.data.bench_prepare import run_bench_prepare
 
