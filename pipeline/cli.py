@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.export.predict import add_predict_parser
 
     add_predict_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step",
+    bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step, hybrid vs plain",
                            description="Benchmarks that print ratios against baselines measured in the same run.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
     add_bench_data_parser(bench_sub)
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from stages.study import add_study_parser
 
     add_study_parser(sub)
+    from stages.compare_hybrid import add_bench_hybrid_parser
+
+    add_bench_hybrid_parser(bench_sub)
     return parser
 
 
@@ -164,6 +167,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.export.bench_export import run_bench_export
 
         return run_bench_export(args)
+    if args.command == "bench" and args.bench_command == "hybrid":
+        from stages.compare_hybrid import run_bench_hybrid
+
+        return run_bench_hybrid(args)
     if args.command == "bench" and args.bench_command == "prepare":
         from pipeline.data.bench_prepare import run_bench_prepare
 

@@ -1,0 +1,58 @@
+"""`vitpipe bench hybrid`: the hybrid and its plain twin pre-trained by the same recipe, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.model.vit import build_model, flops_per_image
+from stages.compare_hybrid import compare, format_table, plain_twin
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_HYBRID = ROOT / "configs" / "pipeline" / "tiny-hybrid.yaml"
+
+
+def test_plain_recipe_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["bench", "hybrid", str(ROOT / "configs" / "pipeline" / "tiny.yaml"), "--workdir", str(tmp_path)]) == 2
+    assert "bench hybrid compares a hybrid with its plain twin" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing prepared or trained
+
+
+def test_twin_keeps_the_transformer_and_drops_the_stem():
+    cfg = load_config(ROOT / "configs" / "pipeline" / "demo-hybrid.yaml")
+    twin = plain_twin(cfg.model)
+    assert not twin.hybrid and twin.patch_size == cfg.model.effective_patch == 2
+    assert (twin.width, twin.depth, twin.heads, twin.mlp_dim) == (cfg.model.width, cfg.model.depth,
+                                                                   cfg.model.heads, cfg.model.mlp_dim)
+    # The shipped comparison is at matched compute: the stem adds under 20% FLOPs per image.
+    hybrid, plain = (build_model(m, cfg.pretrain.image_size, 10) for m in (cfg.model, twin))
+    assert hybrid.grid == plain.grid == (7, 7)
+    assert 1.0 < flops_per_image(hybrid) / flops_per_image(plain) < 1.2
+
+
+@pytest.mark.slow
+def test_compare_trains_both_and_reports_their_figures(tmp_path):
+    cfg = load_config(TINY_HYBRID, ["pretrain.ranks=1", "pretrain.steps=3", "pretrain.checkpoint_every=0",
+                                    "data.limit=200"])
+    result = compare(cfg, tmp_path, seeds=[0])
+    models = result["models"]
+    assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(result))
+    for name, hybrid in (("plain", False), ("hybrid", True)):
+        row = models[name]
+        stored = json.loads((tmp_path / name / "seed0" / "model.json").read_text())
+        assert stored["architecture"]["hybrid"] is hybrid and stored["steps"] == 3
+        net = build_model(plain_twin(cfg.model) if not hybrid else cfg.model, 14, 10)
+        assert row["flops_per_image"] == flops_per_image(net) and row["tokens"] == 49
+        assert row["params"] == sum(p.numel() for p in net.parameters())
+        assert len(row["val_accuracy"]) == 1 and 0.0 <= row["val_accuracy"][0] <= 1.0
+        assert row["images_per_s"][0] > 0
+    table = format_table(result)
+    ratio = models["hybrid"]["flops_per_image"] / models["plain"]["flops_per_image"]
+    assert f"{ratio:7.2f}x" in table and "hybrid ahead on" in table
+    # A second call finds both stage folders complete and trains nothing.
+    again = compare(cfg, tmp_path, seeds=[0])
+    assert again["models"]["hybrid"]["val_accuracy"] == models["hybrid"]["val_accuracy"]
