@@ -212,7 +212,7 @@ def three_classes(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_frozen_backbone_stays_bit_identical_and_the_new_head_trains(zero_stage, group, pair, three_classes, tmp_path):
     job = _job(tmp_path / "probe", three_classes, pair, steps=4, lr=0.5, zero_stage=zero_stage, freeze="backbone")
     result = Trainer(job).run()

@@ -285,6 +285,7 @@ class Trainer:
         if meta is not None and not checkpoints.latest(self.ckpt_root):
             self.evaluate_before_finetuning(model, meta)
         if meta is not None:
+            self.result["head_reset"] = meta["head_reset"]
             model.reset_head(m.num_classes)  # zero-initialized, as in the paper's transfer recipe
         if t.freeze == "backbone":
             # Before the engine: DeepSpeed and the optimizer only ever see the head's tensors.
@@ -301,7 +302,6 @@ class Trainer:
         # The paper's question: how good is the pre-trained model at the new resolution, with
         # resampled position embeddings, before any fine-tuning? Defined only when the head carries
         # over: a reset head is all zeros and would "predict" class 0 for every image.
-        self.result["head_reset"] = meta["head_reset"]
         if not meta["head_reset"]:
             model.eval()
             before = evaluate(model, self.val_batches(), torch.device("cpu"), torch.float32)
