@@ -1,4 +1,9 @@
-"""ONNX export of a ViT, onnxruntime sessions, and the PyTorch-vs-onnxruntime parity check.
+"""ONNX export of a ViT, how every ONNX file is written, onnxruntime sessions, and the parity check.
+
+Here: `export_onnx` (the plain torch export), `export_graph` (any built or converted graph), the
+staged write both use, the opset range (`check_opset`), metadata_props (`set_metadata` /
+`read_metadata`), `session_options`/`ort_session`, and logits/parity helpers. The fused graph is
+built in graph.py, its fp16/int8 versions in precision.py, the variants in variants.py.
 
 Exporter choice: the torch.export-based ("dynamo") exporter, ``torch.onnx.export(..., dynamo=True)``.
 It is the default since PyTorch 2.9, the TorchScript exporter is deprecated (it warns on every call),
