@@ -32,7 +32,7 @@ def test_only_committed_checkpoints_count(tmp_path):
     assert info["world_size"] == 2 and info["mlflow_run_id"] == "run-1"
 
 
-def test_prune_keeps_the_newest_k_and_drops_torn_older_ones(tmp_path):
+def test_prune_keeps_the_newest_k_and_drops_torn_older_ones(tmp_path, capsys):
     for s in (2, 4, 6):
         make(tmp_path, s)
     make(tmp_path, 5, committed=False)
@@ -41,6 +41,8 @@ def test_prune_keeps_the_newest_k_and_drops_torn_older_ones(tmp_path):
     assert sorted(removed) == ["step_00000002", "step_00000005"]
     assert [t for _, t, _ in checkpoints.committed(tmp_path)] == ["step_00000004", "step_00000006"]
     assert (tmp_path / "step_00000008").is_dir()
+    said = capsys.readouterr().out
+    assert f"deleting {tmp_path / 'step_00000002'}: keep_checkpoints=2" in said and "step_00000005" not in said
 
 
 def test_universal_conversions_are_not_checkpoints_of_their_own(tmp_path):

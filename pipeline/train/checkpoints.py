@@ -160,6 +160,8 @@ def prune(root: Path, keep: int) -> list[str]:
             continue
         step = int(d.name[len(PREFIX):]) if d.name[len(PREFIX):].isdigit() else -1
         if (d / MARKER).is_file() or step < newest:
+            if (d / MARKER).is_file():  # a committed checkpoint is never deleted without a word
+                print(f"[checkpoints] deleting {d}: keep_checkpoints={keep} keeps the newest {keep}", flush=True)
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
     return removed
