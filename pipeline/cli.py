@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_data_parser(bench_sub)
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
+    from pipeline.bench_tracking import add_bench_tracking_parser
+
+    add_bench_tracking_parser(bench_sub)
     from stages.study import add_study_parser
 
     add_study_parser(sub)
@@ -147,6 +150,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline.train.bench import run_bench_train
 
         return run_bench_train(args)
+    if args.command == "bench" and args.bench_command == "tracking":
+        from pipeline.bench_tracking import run_bench_tracking
+
+        return run_bench_tracking(args)
     if args.command == "bench" and args.bench_command == "prepare":
         from pipeline.data.bench_prepare import run_bench_prepare
 

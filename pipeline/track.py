@@ -22,6 +22,9 @@ from pipeline.config import TrackingConfig
 # A nested run is tied to its parent by this tag (what the MLflow UI and `nested=True` use).
 PARENT_TAG = "mlflow.parentRunId"
 
+# Lineage tags (see MLflowTracker.log_lineage): vitpipe.input.<kind> / vitpipe.output.<kind> = sha256.
+INPUT_TAG, OUTPUT_TAG = "vitpipe.input.", "vitpipe.output."
+
 # Delivery off the training thread (see `_Sender`). One HTTP attempt may take SEND_TIMEOUT_S;
 # MLflow's own retries (7, up to 255 s) are off for the sender, which retries by itself with a
 # backoff from BACKOFF_S[0] doubling to BACKOFF_S[1], for as long as the server is away.
@@ -30,6 +33,10 @@ BACKOFF_S = (0.2, 5.0)
 # Log calls held while the server is away (one call is usually one step's metrics: 100k calls
 # are hours of logging every step); past it new calls are dropped, counted and reported once.
 MAX_PENDING = 100_000
+# After a delivery the sender gathers calls for up to SEND_INTERVAL_S (or LINGER_CALLS calls) and
+# sends them as one request: one request a second costs the training process far less CPU than
+# one per step (a flush or close does not wait for it).
+SEND_INTERVAL_S, LINGER_CALLS = 1.0, 200
 # How long a process that ends waits for its undelivered calls (e.g. an outage at the very end);
 # what is still undelivered then is reported by count.
 FLUSH_TIMEOUT_S = 300.0
@@ -78,6 +85,13 @@ class NullTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Record tags (ignored)."""
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                    context: str = "train") -> None:
+        """Record a dataset as a run input (ignored)."""
+
+    def log_lineage(self, inputs: Mapping[str, str] | None = None, outputs: Mapping[str, str] | None = None) -> None:
+        """Record the digests consumed and produced (ignored)."""
 
     def child(self, name: str) -> "NullTracker":
         """A nested run (another null tracker)."""
@@ -144,8 +158,9 @@ class MLflowTracker:
 
     @classmethod
     def attach(cls, tracking_uri: str, run_id: str) -> "MLflowTracker":
-        """Continue logging to an existing run (e.g. from the rank-0 training process)."""
+        """Continue logging to an existing run (TrackingUnreachable at once if its server does not answer)."""
         client = cls._client_for(tracking_uri)
+        _check_reachable(tracking_uri)
         run = client.get_run(run_id)
         return cls(client, run_id, tracking_uri, run.info.experiment_id)
 
@@ -174,12 +189,41 @@ class MLflowTracker:
         """Record tags."""
         self._sender.put("tags", {k: str(v) for k, v in tags.items()})
 
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                    context: str = "train") -> None:
+        """Record a dataset as an MLflow run input (`mlflow.data`'s dataset entity): `digest` is the
+        manifest's sha256 (MLflow keeps 32 characters of it), `source` its path or URL, `profile`
+        the split counts; `context` is MLflow's input tag (train, eval)."""
+        source_type = source.split("://", 1)[0] if "://" in source else "local"
+        self._sender.put("dataset", {"name": name, "digest": digest[:32], "source_type": source_type,
+                                     "source": source, "profile": json.dumps(dict(profile), sort_keys=True),
+                                     "context": context})
+
+    def log_lineage(self, inputs: Mapping[str, str] | None = None, outputs: Mapping[str, str] | None = None) -> None:
+        """Tag the run with the sha256 of each artifact it consumed (`vitpipe.input.<kind>`) and
+        produced (`vitpipe.output.<kind>`); each input also gets `vitpipe.input.<kind>.run`: the
+        run in this experiment whose `vitpipe.output.<kind>` is that digest, when there is one. The
+        chain export -> finetune -> pretrain -> prepare is walked with these tags (`lineage`)."""
+        self._sender.put("lineage", {"inputs": dict(inputs or {}), "outputs": dict(outputs or {}),
+                                     "experiment_id": self.experiment_id})
+
+    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
+        """Deliver what is queued (up to `timeout` s) and report what could not be; the run stays
+        as it is (a training rank's process does this at exit)."""
+        self._sender.close(timeout)
+
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> int:
         """Wait up to `timeout` s until everything logged so far is delivered; the number of calls left."""
         return self._sender.wait_delivered(timeout)
 
-    def child(self, name: str) -> "MLflowTracker":
-        """A nested run under this one, in the same experiment."""
+    def child(self, name: str) -> "Tracker":
+        """A nested run under this one, in the same experiment (a null tracker, with a warning, when
+        the server does not answer: the stage runs untracked rather than waiting for it)."""
+        try:
+            _check_reachable(self.tracking_uri)
+        except TrackingUnreachable as e:
+            _warn(f"{e}; stage {name!r} runs without tracking")
+            return NullTracker()
         run = self._client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id})
         return MLflowTracker(self._client, run.info.run_id, self.tracking_uri, self.experiment_id,
                              self.system_metrics_interval)
@@ -272,6 +316,7 @@ class _Sender:
         self._cv = threading.Condition()
         self._closed = False
         self._busy = False
+        self._waiting = 0  # callers in wait_delivered: no gathering while someone waits
         self.dropped = 0
         self._outage_since: float | None = None
         self._thread: threading.Thread | None = None
@@ -290,7 +335,7 @@ class _Sender:
                     _warn(f"{MAX_PENDING} tracking calls wait for {self._uri}; dropping new ones until it is back")
                 return
             self._items.append((kind, payload))
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # first call, or a call after close()
                 self._thread = threading.Thread(target=self._deliver_all, name=f"mlflow-{self._run_id[:8]}",
                                                 daemon=True)
                 self._thread.start()
@@ -300,20 +345,24 @@ class _Sender:
         """Wait until nothing is queued or in flight (or `timeout` s); the number of calls left."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while (self._items or self._busy) and time.monotonic() < deadline:
-                self._cv.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
-            return len(self._items)
+            self._waiting += 1
+            self._cv.notify_all()
+            try:
+                while (self._items or self._busy) and time.monotonic() < deadline:
+                    self._cv.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+                return len(self._items)
+            finally:
+                self._waiting -= 1
 
     def close(self, timeout: float) -> None:
         """Deliver what is queued (up to `timeout` s), then stop; reports what could not be delivered."""
-        if self._closed:
-            return
         left = self.wait_delivered(timeout)
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if left or self.dropped:
-            _warn(f"{left + self.dropped} tracking call(s) for run {self._run_id} never reached {self._uri}")
+            lost, self.dropped = left + self.dropped, 0
+        if lost:
+            _warn(f"{lost} tracking call(s) for run {self._run_id} never reached {self._uri}")
 
     # -- the sender thread --------------------------------------------------------------------
 
@@ -356,6 +405,10 @@ class _Sender:
                     self._items.popleft()
                 self._busy = False
                 self._cv.notify_all()
+                until = time.monotonic() + SEND_INTERVAL_S
+                while (not self._closed and not self._waiting and len(self._items) < LINGER_CALLS
+                       and time.monotonic() < until):
+                    self._cv.wait(until - time.monotonic())
 
     def _take_batch(self) -> list:
         """The head call, plus the metric calls right after it while they fit one log-batch request."""
@@ -396,6 +449,16 @@ class _Sender:
                 self._log_batch(tags=items[i : i + _BATCH_PARAMS])
         elif kind == "artifact":
             self._client.log_artifact(self._run_id, *payload)
+        elif kind == "dataset":
+            self._log_dataset(payload)
+        elif kind == "lineage":
+            tags = {f"{OUTPUT_TAG}{k}": d for k, d in payload["outputs"].items()}
+            for k, d in payload["inputs"].items():
+                tags[f"{INPUT_TAG}{k}"] = d
+                producer = self._producer(payload["experiment_id"], k, d)
+                if producer:
+                    tags[f"{INPUT_TAG}{k}.run"] = producer
+            self._log_batch(tags=list(tags.items()))
         elif kind == "status":
             self._set_status(payload)
         else:
@@ -431,6 +494,33 @@ class _Sender:
     def _latest_steps(self) -> dict[str, int]:
         # MLflow's latest value of a metric is the one at its highest step: its step is the last recorded.
         return self._run_data()[1]
+
+    def _producer(self, experiment_id: str | None, kind: str, digest: str) -> str | None:
+        """The newest other run of the experiment that produced `digest` as its `kind` output."""
+        if not experiment_id:
+            return None
+        query = f"tags.\"{OUTPUT_TAG}{kind}\" = '{digest}'"
+        if self._rest:
+            found = _rest_call(self._uri, "runs/search", {"experiment_ids": [experiment_id], "filter": query,
+                                                           "max_results": 10,
+                                                           "order_by": ["attributes.start_time DESC"]})
+            ids = [r["info"]["run_id"] for r in found.get("runs", [])]
+        else:
+            ids = [r.info.run_id for r in self._client.search_runs([experiment_id], query, max_results=10,
+                                                                    order_by=["attributes.start_time DESC"])]
+        return next((i for i in ids if i != self._run_id), None)
+
+    def _log_dataset(self, d: dict) -> None:
+        fields = {k: d[k] for k in ("name", "digest", "source_type", "source", "profile")}
+        if self._rest:
+            _rest_call(self._uri, "runs/log-inputs", {"run_id": self._run_id, "datasets": [{
+                "tags": [{"key": "mlflow.data.context", "value": d["context"]}],
+                "dataset": {**fields, "schema": ""}}]})
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self._client.log_inputs(self._run_id, datasets=[
+            DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", d["context"])])])
 
     def _set_status(self, status: str) -> None:
         end_time = None if status == "RUNNING" else int(time.time() * 1000)
@@ -518,3 +608,30 @@ def log_files(tracker: Tracker, paths: Iterable[str | Path]) -> None:
     for p in paths:
         if Path(p).is_file():
             tracker.log_artifact(p)
+
+
+def lineage(tracking_uri: str, run_id: str) -> list[dict]:
+    """The chain of runs behind `run_id`, following `vitpipe.input.<kind>.run` tags: one entry per
+    run ({run_id, name, inputs: {kind: digest}, outputs, datasets: [{name, digest, source}]}),
+    `run_id`'s first, each input's producer after (depth first)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    chain, todo, seen = [], [run_id], set()
+    while todo:
+        rid = todo.pop(0)
+        if rid in seen:
+            continue
+        seen.add(rid)
+        run = client.get_run(rid)
+        tags = run.data.tags
+        inputs = {k[len(INPUT_TAG):]: v for k, v in tags.items() if k.startswith(INPUT_TAG) and not k.endswith(".run")}
+        chain.append({
+            "run_id": rid, "name": run.info.run_name, "inputs": inputs,
+            "outputs": {k[len(OUTPUT_TAG):]: v for k, v in tags.items() if k.startswith(OUTPUT_TAG)},
+            "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest, "source": d.dataset.source,
+                          "profile": json.loads(d.dataset.profile or "{}")}
+                         for d in (run.inputs.dataset_inputs if run.inputs else [])],
+        })
+        todo += [tags[f"{INPUT_TAG}{k}.run"] for k in sorted(inputs) if f"{INPUT_TAG}{k}.run" in tags]
+    return chain

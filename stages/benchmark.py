@@ -17,6 +17,7 @@ from pipeline.export.benchmark import benchmark_onnx, benchmark_torch, compare, 
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from stages import record
+from stages.lineage import content_sha256
 
 
 def run(bench: BenchmarkConfig, onnx_path: str | Path, weights: str | Path, out_dir: str | Path,
@@ -56,6 +57,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path, weights: str | Path, out_
     path = out_dir / "bench.json"
     write_json(path, result)
     tracker.log_artifact(path)
+    tracker.log_lineage(inputs={"onnx": content_sha256(onnx_path), "weights": content_sha256(weights)})
     record.finish(out_dir, "benchmark", fp, [path], result)
     print(f"[benchmark] onnxruntime providers used: {', '.join(providers)}")
     print(format_table(rows))

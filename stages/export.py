@@ -23,6 +23,7 @@ from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_parity, e
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from stages import record
+from stages.lineage import content_sha256, log_dataset_input
 
 
 class ParityError(RuntimeError):
@@ -87,6 +88,8 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     meta_path = out_dir / "model.onnx.json"
     write_json(meta_path, info)
     tracker.log_artifact(meta_path)
+    tracker.log_lineage(inputs={"weights": content_sha256(weights), "dataset": log_dataset_input(tracker, manifest, "eval")},
+                        outputs={"onnx": content_sha256(onnx_path)})
     record.finish(out_dir, "export", fp, [onnx_path, meta_path], info)
     print(f"[export] {onnx_path}: parity max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement "
           f"{parity['top1_agreement']:.4f} on {parity['n_images']} held-out images ({', '.join(parity['providers'])})")

@@ -140,6 +140,6 @@ def test_nothing_listening_warns_once_and_training_goes_on(tmp_path, capfd, monk
         rank0.log_metrics({"loss": 1.0 / step}, step=step)
     assert time.perf_counter() - t0 < 0.5
     assert rank0.flush(1.0) == 200
-    rank0._sender.close(0)
+    rank0.close(0)
     err = capfd.readouterr().err
     assert "unreachable" in err and "200 tracking call(s) for run" in err
