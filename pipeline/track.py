@@ -317,6 +317,7 @@ class _Sender:
         self._closed = False
         self._busy = False
         self._waiting = 0  # callers in wait_delivered: no gathering while someone waits
+        self._reported = 0  # undelivered calls already reported by close()
         self.dropped = 0
         self._outage_since: float | None = None
         self._thread: threading.Thread | None = None
@@ -361,7 +362,8 @@ class _Sender:
             self._closed = True
             self._cv.notify_all()
             lost, self.dropped = left + self.dropped, 0
-        if lost:
+            already, self._reported = self._reported, left  # a second close (atexit) repeats nothing
+        if lost > already:
             _warn(f"{lost} tracking call(s) for run {self._run_id} never reached {self._uri}")
 
     # -- the sender thread --------------------------------------------------------------------
