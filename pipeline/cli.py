@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
     add_bench_export_parser(bench_sub)
+    from pipeline.bench_tracking import add_bench_tracking_parser
+
+    add_bench_tracking_parser(bench_sub)
     from stages.study import add_study_parser
 
     add_study_parser(sub)
@@ -171,6 +174,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from stages.compare_hybrid import run_bench_hybrid
 
         return run_bench_hybrid(args)
+    if args.command == "bench" and args.bench_command == "tracking":
+        from pipeline.bench_tracking import run_bench_tracking
+
+        return run_bench_tracking(args)
     if args.command == "bench" and args.bench_command == "prepare":
         from pipeline.data.bench_prepare import run_bench_prepare
 

@@ -31,6 +31,7 @@ from pipeline.export.providers import GPU_PROVIDERS, default_providers, onnxrunt
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker, model_requirements, register_onnx_model
 from stages import record
+from stages.lineage import content_sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     write_json(path, result)
     tracker.log_artifact(path)
     tracker.log_artifact(plot)
+    tracker.log_lineage(inputs={"onnx": content_sha256(variants[0].path), "weights": content_sha256(weights)})
     record.finish(out_dir, "benchmark", fp, [path, plot], result)
     print(f"[benchmark] onnxruntime providers used: {', '.join(result['providers'])}")
     print(bench_table(result))

@@ -32,6 +32,7 @@ from pipeline.export.variants import (file_sha256, graph_summary, labelled_image
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker
 from stages import record
+from stages.lineage import content_sha256, log_dataset_input
 
 PARITY_PROVIDERS = ["CPUExecutionProvider"]  # checks run where every machine can run them; benchmark picks GPUs
 
@@ -146,6 +147,8 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     meta_path = out_dir / "model.onnx.json"
     write_json(meta_path, info)
     tracker.log_artifact(meta_path)
+    tracker.log_lineage(inputs={"weights": content_sha256(weights), "dataset": log_dataset_input(tracker, manifest, "eval")},
+                        outputs={"onnx": content_sha256(paths[main])})
     record.finish(out_dir, "export", fp, [*paths.values(), meta_path], info)
     return info
 

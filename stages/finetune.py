@@ -22,6 +22,7 @@ from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
 from pipeline.train.stage_runner import run_training_stage
 from stages import record
+from stages.lineage import content_sha256, log_dataset_input
 
 
 def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir: str | Path,
@@ -65,7 +66,10 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
                    extra_meta={"init_from": init, "init_image_size": meta["source_image_size"],
                                "pos_embed_init": train.pos_embed_init})
     params = {**cfg, "model": model_settings, "init_from": init, "init_image_size": meta["source_image_size"]}
+    dataset = log_dataset_input(tracker, manifest, "train")
     result = run_training_stage(job, train.ranks, tracker, params)
+    tracker.log_lineage(inputs={"dataset": dataset, "weights": content_sha256(weights_file)},
+                        outputs={"weights": content_sha256(out_dir / "model.safetensors")})
     result["init_image_size"] = meta["source_image_size"]
     result["init_from"], result["pos_embed_init"] = init, train.pos_embed_init
     record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)

@@ -17,6 +17,7 @@ from pipeline.data.manifest import MANIFEST_NAME, prepare_dataset
 from pipeline.data.sources import source_identity
 from pipeline.track import NullTracker, Tracker
 from stages import record
+from stages.lineage import content_sha256
 
 
 def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, force: bool = False) -> dict:
@@ -62,6 +63,7 @@ def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, f
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(manifest_path, Path):
         tracker.log_artifact(manifest_path)
+    tracker.log_lineage(outputs={"dataset": content_sha256(manifest_path)})
     record.finish(out_dir, "prepare", fp, [manifest_path] if isinstance(manifest_path, Path) else [], result)
     skipped = f", {result['skipped']} unreadable image(s) skipped (listed in the manifest)" if result["skipped"] else ""
     print(f"[prepare] {result['train_samples']} train / {result['val_samples']} val images in "

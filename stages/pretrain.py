@@ -17,6 +17,7 @@ from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
 from pipeline.train.stage_runner import run_training_stage
 from stages import record
+from stages.lineage import content_sha256, log_dataset_input
 
 
 def build_job(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: str | Path) -> TrainJob:
@@ -45,7 +46,9 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     # keeps checkpoints it can continue from, refuses other changes; --force retrains from scratch
     record.begin(out_dir, fp, resume=not force, stage_settings=settings, stage="pretrain")
     record.mark_checkpoints(out_dir, fp, settings)
+    dataset = log_dataset_input(tracker, manifest, "train")
     result = run_training_stage(build_job(model, train, manifest, out_dir), train.ranks, tracker, cfg)
+    tracker.log_lineage(inputs={"dataset": dataset}, outputs={"weights": content_sha256(out_dir / "model.safetensors")})
     record.finish(out_dir, "pretrain", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
     print(f"[pretrain] val accuracy {result['val_accuracy']:.4f} at {train.image_size}px -> {result['weights']}")
     return result

@@ -99,6 +99,46 @@ def test_mlflow_has_a_parent_run_with_one_child_per_stage(run):
     assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_lineage_leads_from_the_benchmark_back_to_the_dataset(run):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.track import lineage
+    from stages.lineage import content_sha256
+
+    uri, w = run["env"]["MLFLOW_TRACKING_URI"], run["work"]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    ids = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    chain = {c["name"]: c for c in lineage(uri, ids["benchmark"])}
+    assert set(chain) == {"benchmark", "export", "finetune", "pretrain", "prepare"}  # every stage reached
+    dataset = content_sha256(w / "prepare" / "manifest.json")
+    pre_w, ft_w = content_sha256(w / "pretrain" / "model.safetensors"), content_sha256(w / "finetune" / "model.safetensors")
+    onnx = content_sha256(w / "export" / "model.onnx")
+    assert chain["prepare"]["outputs"] == {"dataset": dataset}
+    assert chain["pretrain"]["inputs"] == {"dataset": dataset} and chain["pretrain"]["outputs"] == {"weights": pre_w}
+    assert chain["finetune"]["inputs"] == {"dataset": dataset, "weights": pre_w}
+    assert chain["finetune"]["outputs"] == {"weights": ft_w}
+    assert chain["export"]["inputs"] == {"dataset": dataset, "weights": ft_w} and chain["export"]["outputs"] == {"onnx": onnx}
+    assert chain["benchmark"]["inputs"] == {"onnx": onnx, "weights": ft_w}
+    # each input names the run that produced it
+    tags = {name: client.get_run(rid).data.tags for name, rid in ids.items()}
+    assert tags["benchmark"]["vitpipe.input.onnx.run"] == ids["export"]
+    assert tags["export"]["vitpipe.input.weights.run"] == ids["finetune"]
+    assert tags["finetune"]["vitpipe.input.weights.run"] == ids["pretrain"]
+    assert tags["pretrain"]["vitpipe.input.dataset.run"] == ids["prepare"]
+    # the dataset as an MLflow run input: digest, source, split counts
+    summary = json.loads((w / "summary.json").read_text())["prepare"]
+    for stage, context in (("pretrain", "train"), ("finetune", "train"), ("export", "eval")):
+        [inp] = client.get_run(ids[stage]).inputs.dataset_inputs
+        assert inp.dataset.digest == dataset[:32] and inp.dataset.name == "mnist5k"
+        assert inp.dataset.source == str((w / "prepare" / "manifest.json").resolve())
+        assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == context
+        profile = json.loads(inp.dataset.profile)
+        assert profile["train_samples"] == summary["train_samples"] and profile["val_samples"] == summary["val_samples"]
+        assert profile["train_shards"] == summary["train_shards"] and profile["num_classes"] == 10
+
+
 def test_second_run_skips_stages_whose_inputs_are_unchanged(run):
     t0 = time.perf_counter()
     proc = vitpipe("run", str(TINY), "--workdir", "w", cwd=run["cwd"],

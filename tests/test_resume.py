@@ -171,8 +171,10 @@ def test_killed_rank_is_restarted_and_ends_with_the_uninterrupted_loss(setup, tm
 
 
 def test_rank_killed_while_writing_a_checkpoint_never_uses_it(setup, tmp_path):
-    env = {**os.environ, "VITPIPE_FAULT": "save:8:1"}  # rank 1 dies as the step-8 checkpoint is written
-    done = subprocess.run(_cli(setup, "torn"), cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    env = {**os.environ, "VITPIPE_FAULT": "save:8:1",  # rank 1 dies as the step-8 checkpoint is written
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run(_cli(setup, "torn", "tracking.enabled=true", "tracking.system_metrics_interval=0"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (setup["work"] / "torn" / "train.log").read_text()
     assert "resumed from step_00000004" in log and "resumed from step_00000008" not in log
@@ -180,6 +182,21 @@ def test_rank_killed_while_writing_a_checkpoint_never_uses_it(setup, tmp_path):
     assert result["resumed_from_step"] == 4
     got, ref = losses(setup["work"] / "torn"), setup["ref_losses"]
     assert all(got[s] == ref[s] for s in ref)
+
+    # Steps 5-8 ran twice (before the crash and after the resume from step 4); the run holds one
+    # value per (metric, step), the uninterrupted run's.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 26]
+    step5 = [m.value for m in history if m.step == 5][0]
+    assert step5 == pytest.approx(sum(ref[s] for s in range(1, 6)) / 5)  # the window mean of steps 1-5
+    for key in ("lr", "images_per_s", "val_accuracy"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
 
 
 def test_killed_job_leaves_no_process_running_and_commits_nothing_after(setup, tmp_path):

@@ -1,0 +1,162 @@
+"""`vitpipe bench tracking`: step time of a training-like loop with MLflow tracking on, off, and
+during an outage, measured in the same run.
+
+The loop is a small MLP's forward, backward and AdamW step on a fixed batch, logging the metrics
+a training rank logs (loss, lr, images/s, step time, grad norm, MFU, epoch) at every step: the
+worst case (recipes log every `log_every` steps). Three candidates, interleaved in rounds, in a
+rotating order so none always runs first:
+
+- off:    tracking disabled (the null tracker);
+- on:     rank 0's tracker logging to a real `mlflow server` on loopback (sqlite backend);
+- outage: the same tracker on a run of that server, but at a port where nothing listens (what
+          rank 0 sees while the server is down): every delivery fails and is retried.
+
+Reported per candidate: p50 and p99 step time of its best round, and the ratio to `off`
+(target: p99 within 5 %). `on` must also have delivered every metric by the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from pipeline.atomic import write_json
+from pipeline.config import TrackingConfig
+from pipeline.track import NullTracker, start_tracker, tracker_for_rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """A `mlflow server` on a free loopback port over a sqlite file in `root`; (process, URL)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+                            start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"mlflow server did not answer within {timeout} s")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def bench_tracking(rounds: int = 5, steps: int = 300, width: int = 512, batch: int = 128,
+                   threads: int = 1) -> dict:
+    """Run the three candidates in interleaved rounds; the result table as a dict."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
+
+    def step_loop(tracker, n: int, first_step: int) -> list[float]:
+        times = []
+        for step in range(first_step, first_step + n):
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            tracker.log_metrics({"loss": loss.item(), "lr": 1e-3, "images_per_s": batch / max(times[-1], 1e-9)
+                                 if times else 0.0, "step_time_s": times[-1] if times else 0.0,
+                                 "grad_norm": grad_norm.item(), "mfu": 0.1, "epoch": step / 1000}, step=step)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
+        proc, url = start_mlflow_server(Path(tmp))
+        try:
+            run = start_tracker(TrackingConfig(uri=url, experiment="bench-tracking"), run_name="bench")
+            if isinstance(run, NullTracker):
+                raise RuntimeError(f"the mlflow server at {url} did not answer")
+            candidates = {
+                "off": NullTracker(),
+                "on": tracker_for_rank(0, url, run.run_id),
+                "outage": tracker_for_rank(0, f"http://127.0.0.1:{_free_port()}", run.run_id),
+            }
+            step_loop(candidates["off"], 50, 0)  # warm up the allocator and the kernels
+            per_round: dict[str, list[dict]] = {name: [] for name in candidates}
+            names, next_step = list(candidates), {name: 1 for name in candidates}
+            for r in range(rounds):
+                for name in names[r % 3:] + names[: r % 3]:
+                    times = step_loop(candidates[name], steps, next_step[name])
+                    next_step[name] += steps
+                    per_round[name].append({"p50_ms": _percentile(times, 50) * 1e3,
+                                            "p99_ms": _percentile(times, 99) * 1e3})
+            left_on = candidates["on"].flush(120)
+            left_outage = candidates["outage"].flush(0)
+            candidates["outage"].close(0)
+            run.finish()
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+    best = {name: min(rows, key=lambda row: row["p99_ms"]) for name, rows in per_round.items()}
+    base = best["off"]
+    table = {name: {**row, "p99_vs_off": row["p99_ms"] / base["p99_ms"], "p50_vs_off": row["p50_ms"] / base["p50_ms"]}
+             for name, row in best.items()}
+    return {"rounds": rounds, "steps_per_round": steps, "metrics_per_step": 7, "width": width, "batch": batch,
+            "threads": threads, "best_round": table, "all_rounds": per_round,
+            "undelivered_on": left_on, "queued_in_outage": left_outage}
+
+
+def format_table(result: dict) -> str:
+    """The result as a plain-text table."""
+    lines = [f"{result['steps_per_round']} steps x {result['rounds']} rounds, {result['metrics_per_step']} metrics "
+             f"logged per step; best round per candidate",
+             f"{'candidate':<10} {'p50 ms':>8} {'p99 ms':>8} {'p50/off':>8} {'p99/off':>8}"]
+    for name, row in result["best_round"].items():
+        lines.append(f"{name:<10} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['p50_vs_off']:>8.3f} "
+                     f"{row['p99_vs_off']:>8.3f}")
+    lines.append(f"on: {result['undelivered_on']} calls undelivered at the end (must be 0); outage: "
+                 f"{result['queued_in_outage']} calls kept for the server's return")
+    return "\n".join(lines)
+
+
+def add_bench_tracking_parser(bench_sub) -> None:
+    """Add `bench tracking` to the `vitpipe bench` subcommands."""
+    p = bench_sub.add_parser("tracking", help="step time with MLflow tracking on / off / in an outage",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (best round kept)")
+    p.add_argument("--steps", type=int, default=300, help="timed steps per candidate per round")
+    p.add_argument("--width", type=int, default=512, help="MLP width: sets the step's compute")
+    p.add_argument("--batch", type=int, default=128, help="batch size of the step")
+    p.add_argument("--out", type=Path, default=Path("bench_tracking.json"), help="JSON result")
+
+
+def run_bench_tracking(args: argparse.Namespace) -> int:
+    """`vitpipe bench tracking`: run, print the table, write the JSON."""
+    result = bench_tracking(rounds=args.rounds, steps=args.steps, width=args.width, batch=args.batch)
+    print(format_table(result))
+    write_json(args.out, result)
+    print(json.dumps({k: round(v["p99_vs_off"], 3) for k, v in result["best_round"].items()}))
+    return 0
