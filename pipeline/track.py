@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -240,6 +241,9 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED, after everything logged before (waits up to
         FLUSH_TIMEOUT_S for a server that is away)."""
+        for other in list(_LIVE_SENDERS):  # e.g. an in-process Trainer's rank-0 tracker of this run
+            if other is not self._sender and other._run_id == self.run_id:
+                other.wait_delivered(FLUSH_TIMEOUT_S)
         self._sender.put("status", status)
         self._sender.close(FLUSH_TIMEOUT_S)
 
@@ -295,6 +299,9 @@ def _check_reachable(uri: str) -> None:
         # anything else (e.g. the experiment does not exist) is an answer
 
 
+_LIVE_SENDERS: "weakref.WeakSet[_Sender]" = weakref.WeakSet()  # finish() waits for a run's other senders here
+
+
 class _Sender:
     """Delivers one run's log calls in order, from a thread of its own, retrying until delivered.
 
@@ -322,6 +329,7 @@ class _Sender:
         self._outage_since: float | None = None
         self._thread: threading.Thread | None = None
         atexit.register(self.close, FLUSH_TIMEOUT_S)  # a rank's process ends without calling finish()
+        _LIVE_SENDERS.add(self)
 
     # -- the caller's side --------------------------------------------------------------------
 
