@@ -102,6 +102,13 @@ class NullTracker:
         """No system metrics without a run."""
         return None
 
+    def flush(self, timeout: float = 0.0) -> int:
+        """Nothing is ever pending."""
+        return 0
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Nothing to deliver."""
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (nothing to end)."""
 
@@ -323,6 +330,7 @@ class _Sender:
         self._cv = threading.Condition()
         self._closed = False
         self._busy = False
+        self._idle = False  # the sender waits for calls (put wakes it)
         self._waiting = 0  # callers in wait_delivered: no gathering while someone waits
         self._reported = 0  # undelivered calls already reported by close()
         self.dropped = 0
@@ -348,7 +356,10 @@ class _Sender:
                 self._thread = threading.Thread(target=self._deliver_all, name=f"mlflow-{self._run_id[:8]}",
                                                 daemon=True)
                 self._thread.start()
-            self._cv.notify_all()
+            # Wake the sender only when it waits for work or has gathered enough: waking it at every
+            # step (to sleep again through its backoff or gathering) costs the training thread the GIL.
+            if self._idle or len(self._items) == LINGER_CALLS:
+                self._cv.notify_all()
 
     def wait_delivered(self, timeout: float) -> int:
         """Wait until nothing is queued or in flight (or `timeout` s); the number of calls left."""
@@ -380,8 +391,10 @@ class _Sender:
         pause = BACKOFF_S[0]
         while True:
             with self._cv:
+                self._idle = True
                 while not self._items and not self._closed:
                     self._cv.wait()
+                self._idle = False
                 if not self._items:
                     return
                 batch = self._take_batch()
