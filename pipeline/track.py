@@ -249,7 +249,7 @@ class MLflowTracker:
         """End the run with FINISHED, FAILED or KILLED, after everything logged before (waits up to
         FLUSH_TIMEOUT_S for a server that is away)."""
         for other in list(_LIVE_SENDERS):  # e.g. an in-process Trainer's rank-0 tracker of this run
-            if other is not self._sender and other._run_id == self.run_id:
+            if other is not self._sender and other._run_id == self.run_id and not other._closed:
                 other.wait_delivered(FLUSH_TIMEOUT_S)
         self._sender.put("status", status)
         self._sender.close(FLUSH_TIMEOUT_S)
@@ -376,7 +376,8 @@ class _Sender:
 
     def close(self, timeout: float) -> None:
         """Deliver what is queued (up to `timeout` s), then stop; reports what could not be delivered."""
-        left = self.wait_delivered(timeout)
+        # Closed before (and what it kept reported): at exit it does not wait for that server again.
+        left = self.wait_delivered(0.0 if self._closed else timeout)
         with self._cv:
             self._closed = True
             self._cv.notify_all()
