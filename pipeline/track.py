@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -100,6 +101,13 @@ class NullTracker:
     def system_metrics(self, interval: float, resume: bool = False):
         """No system metrics without a run."""
         return None
+
+    def flush(self, timeout: float = 0.0) -> int:
+        """Nothing is ever pending."""
+        return 0
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Nothing to deliver."""
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (nothing to end)."""
@@ -240,6 +248,9 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED, after everything logged before (waits up to
         FLUSH_TIMEOUT_S for a server that is away)."""
+        for other in list(_LIVE_SENDERS):  # e.g. an in-process Trainer's rank-0 tracker of this run
+            if other is not self._sender and other._run_id == self.run_id and not other._closed:
+                other.wait_delivered(FLUSH_TIMEOUT_S)
         self._sender.put("status", status)
         self._sender.close(FLUSH_TIMEOUT_S)
 
@@ -295,6 +306,9 @@ def _check_reachable(uri: str) -> None:
         # anything else (e.g. the experiment does not exist) is an answer
 
 
+_LIVE_SENDERS: "weakref.WeakSet[_Sender]" = weakref.WeakSet()  # finish() waits for a run's other senders here
+
+
 class _Sender:
     """Delivers one run's log calls in order, from a thread of its own, retrying until delivered.
 
@@ -316,12 +330,14 @@ class _Sender:
         self._cv = threading.Condition()
         self._closed = False
         self._busy = False
+        self._idle = False  # the sender waits for calls (put wakes it)
         self._waiting = 0  # callers in wait_delivered: no gathering while someone waits
         self._reported = 0  # undelivered calls already reported by close()
         self.dropped = 0
         self._outage_since: float | None = None
         self._thread: threading.Thread | None = None
         atexit.register(self.close, FLUSH_TIMEOUT_S)  # a rank's process ends without calling finish()
+        _LIVE_SENDERS.add(self)
 
     # -- the caller's side --------------------------------------------------------------------
 
@@ -340,7 +356,10 @@ class _Sender:
                 self._thread = threading.Thread(target=self._deliver_all, name=f"mlflow-{self._run_id[:8]}",
                                                 daemon=True)
                 self._thread.start()
-            self._cv.notify_all()
+            # Wake the sender only when it waits for work or has gathered enough: waking it at every
+            # step (to sleep again through its backoff or gathering) costs the training thread the GIL.
+            if self._idle or len(self._items) == LINGER_CALLS:
+                self._cv.notify_all()
 
     def wait_delivered(self, timeout: float) -> int:
         """Wait until nothing is queued or in flight (or `timeout` s); the number of calls left."""
@@ -357,7 +376,8 @@ class _Sender:
 
     def close(self, timeout: float) -> None:
         """Deliver what is queued (up to `timeout` s), then stop; reports what could not be delivered."""
-        left = self.wait_delivered(timeout)
+        # Closed before (and what it kept reported): at exit it does not wait for that server again.
+        left = self.wait_delivered(0.0 if self._closed else timeout)
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -372,8 +392,10 @@ class _Sender:
         pause = BACKOFF_S[0]
         while True:
             with self._cv:
+                self._idle = True
                 while not self._items and not self._closed:
                     self._cv.wait()
+                self._idle = False
                 if not self._items:
                     return
                 batch = self._take_batch()

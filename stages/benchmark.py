@@ -113,16 +113,17 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     model.eval()
     h, w = meta["image_size"]
     in_ch = meta["architecture"]["in_channels"]
-    data_files = []
-    for v in variants:  # refuse a hostile or mismatched file before its fingerprint reads it, or a session opens it
-        data_files += check_external_data(v.path)
-        check_input_shape(v.path, INPUT_NAME, in_ch, (h, w))
+    # The exporter keeps weights over 2 GB in <name>.data beside the .onnx (onnx_export): part of its identity.
+    data_files = [d for v in variants if (d := v.path.with_name(v.path.name + ".data")).is_file()]
     cfg = dataclasses.asdict(bench)
     fp = record.fingerprint("benchmark", {**cfg, "registered_model": registered_model},
                             [v.path for v in variants] + data_files + [weights])
-    if not force and (done := record.completed(out_dir, fp)):
+    if not force and (done := record.completed(out_dir, fp)):  # no session opened: nothing read but hashes
         print(f"[benchmark] up to date: {out_dir / 'bench.json'}")
         return done
+    for v in variants:  # a hostile or mismatched file is refused before a session opens it, or old results go
+        check_external_data(v.path)
+        check_input_shape(v.path, INPUT_NAME, in_ch, (h, w))
     record.begin(out_dir, fp)
     tracker.log_params({"benchmark": cfg})
 
