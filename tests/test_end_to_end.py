@@ -51,7 +51,12 @@ def test_summary_has_the_figures_of_every_stage(run):
     parity = s["export"]["parity"]
     assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0 and parity["n_images"] == 32
     rows = s["benchmark"]["rows"]
-    assert [r["batch_size"] for r in rows] == [1, 8]
+    # every exported variant is benchmarked at every batch size (file stems name the variants)
+    exported = sorted(Path(p).stem for p in s["benchmark"]["variants"].values())
+    assert exported == sorted(Path(v["file"]).stem for v in s["export"]["variants"].values())
+    assert len(exported) == len(s["export"]["variants"]) >= 2
+    for name in exported:
+        assert [r["batch_size"] for r in rows if r["variant"] == name] == [1, 8], name
     assert all(r["ort_images_per_s"] > 0 and r["torch_images_per_s"] > 0 for r in rows)
     assert "CPUExecutionProvider" in s["benchmark"]["providers"]
     out = run["proc"].stdout
