@@ -79,6 +79,9 @@ def _parity_and_accuracy(onnx_path: Path, meta: dict) -> dict:
     info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     parity = info.get("parity") or {}
     accuracy = info.get("accuracy")
+    if accuracy is None:  # the export records each variant's held-out accuracy under its file name
+        entry = next((v for v in (info.get("variants") or {}).values() if v.get("file") == onnx_path.name), None)
+        accuracy = (entry or {}).get("accuracy")
     if isinstance(accuracy, dict):
         accuracy = accuracy.get("top1", accuracy.get("val_accuracy"))
     source = "export" if accuracy is not None else "weights"
