@@ -152,6 +152,22 @@ def _layer_norm_params(b: _Builder, ln: torch.nn.LayerNorm, hint: str) -> tuple[
     return b.const(f"{hint}.weight", _f32(ln.weight)), b.const(f"{hint}.bias", _f32(ln.bias))
 
 
+def unsupported_features(model: VisionTransformer) -> list[str]:
+    """What `model` has that the fused graph does not build (empty: it builds all of it).
+
+    The builder writes the paper's ViT: patch conv, a class token, token pooling, one final norm.
+    The BiT ResNet stem of the hybrid and timm's pooling variants (imported checkpoints) are not
+    built yet; refusing them by name beats a graph that would fail its parity check."""
+    found = []
+    if model.stem is not None:
+        found.append("the hybrid's BiT ResNet stem")
+    if model.cls_token is None or model.global_pool != "token":
+        found.append(f"no class token / global_pool={model.global_pool!r}")
+    if not isinstance(model.fc_norm, torch.nn.Identity):
+        found.append("fc_norm after pooling")
+    return found
+
+
 def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution: bool = False,
                     pos_embed_mode: str = "bicubic"):
     """The fused inference graph of `model` (eval semantics: no dropout, no drop path) as an onnx.ModelProto."""
@@ -161,6 +177,10 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
         raise ValueError(f"opset: the optimized graph needs opset >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if pos_embed_mode not in RESIZE_MODES:
         raise ValueError(f"pos_embed_mode: {pos_embed_mode!r} is not supported; use one of {', '.join(RESIZE_MODES)}")
+    unsupported = unsupported_features(model)
+    if unsupported:
+        raise ValueError(f"the fused graph builder does not cover this model ({'; '.join(unsupported)}); "
+                         "export it with export.variants=[fp32] (torch.onnx.export, parity-checked like every variant)")
     for blk in model.blocks:
         if blk.norm1.eps != LN_EPS or blk.norm2.eps != LN_EPS:
             raise ValueError(f"LayerNorm eps {blk.norm1.eps}/{blk.norm2.eps}: the graph builder assumes {LN_EPS}")
