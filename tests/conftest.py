@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -9,6 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
+
+
+def _restored_environ():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# mlflow.set_tracking_uri (called by every real MLflowTracker) exports MLFLOW_TRACKING_URI into
+# os.environ, and the launch targets forward that variable into the jobs they render: a test that
+# tracks must not change what a later test's dry run prints. Module scope covers module fixtures
+# that track; function scope covers tests.
+_environ_per_module = pytest.fixture(scope="module", autouse=True)(_restored_environ)
+_environ_per_test = pytest.fixture(autouse=True)(_restored_environ)
 
 
 def free_port() -> int:
