@@ -193,8 +193,19 @@ def _session(proto):
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def test_fused_graph_of_the_hybrid_matches_pytorch():
+    # the BiT stem (weight-standardized convs, GroupNorm, SAME padding) inlined before the fused blocks
+    model = tiny_vit(hybrid=True, stem_root="small", stem_stages=[1, 1, 1], stem_width=8)
+    proto = graph_builder.build_vit_graph(model, opset=18)
+    session = _session(proto)
+    x = torch.randn(5, 3, 16, 16)
+    assert np.abs(model(x).detach().numpy() - session.run(None, {"images": x.numpy()})[0]).max() < 1e-4
+    assert graph_builder.fusions(proto)["Attention"] == 2 and graph_builder.op_counts(proto)["Conv"] > 3
+    with pytest.raises(ValueError, match="dynamic_resolution"):
+        graph_builder.build_vit_graph(model, opset=18, dynamic_resolution=True)
+
+
 @pytest.mark.parametrize("kw, named", [
-    (dict(hybrid=True, stem_root="small", stem_stages=[1, 1, 1], stem_width=8), "BiT ResNet stem"),
     (dict(class_token=False, global_pool="avg"), "global_pool='avg'"),
     (dict(fc_norm=True, global_pool="avg", class_token=False), "fc_norm"),
 ])

@@ -32,7 +32,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from pipeline.model.vit import ResNetStem, VisionTransformer
+from pipeline.model.vit import VisionTransformer
 
 MS_DOMAIN = "com.microsoft"
 INPUT_NAME = "images"  # the same names as the plain export (onnx_export.INPUT_NAME / OUTPUT_NAME)
@@ -99,33 +99,41 @@ def _conv(b: _Builder, x: str, conv: torch.nn.Conv2d, hint: str) -> str:
                 pads=[ph, pw, ph, pw], group=conv.groups)
 
 
-def _group_norm(b: _Builder, x: str, gn: torch.nn.GroupNorm, hint: str) -> str:
-    # GroupNorm = InstanceNormalization over (B, G, C/G*H*W), then the per-channel affine. Exact, and
-    # every runtime has InstanceNormalization (GroupNormalization's definition changed at opset 21).
-    g = gn.num_groups
-    shape = b.op("Shape", [x], f"{hint}.shape")
-    grouped = b.op("Reshape", [x, b.const(f"{hint}.groups", np.array([0, g, -1], np.int64))], f"{hint}.grouped")
-    normed = b.op("InstanceNormalization", [grouped, b.const(f"{hint}.one", np.ones(g, np.float32)),
-                                            b.const(f"{hint}.zero", np.zeros(g, np.float32))], hint, epsilon=gn.eps)
-    back = b.op("Reshape", [normed, shape], f"{hint}.back")
-    scaled = b.op("Mul", [back, b.const(f"{hint}.weight", _f32(gn.weight).reshape(-1, 1, 1))])
-    return b.op("Add", [scaled, b.const(f"{hint}.bias", _f32(gn.bias).reshape(-1, 1, 1))])
+def _stem(b: _Builder, x: str, model: VisionTransformer, opset: int) -> str:
+    """The hybrid's BiT stem, inlined: torch.onnx.export writes its convolutions, weight
+    standardization and GroupNorms (the one exporter of the stem's ops, so this graph cannot drift
+    from vit.py), and its nodes and weights become this graph's under a `stem/` prefix."""
+    import tempfile
+    from pathlib import Path
 
+    import onnx
+    from onnx import inliner
 
-def _stem(b: _Builder, x: str, stem: ResNetStem) -> str:
-    conv, gn, _ = stem.root
-    x = b.op("Relu", [_group_norm(b, _conv(b, x, conv, "stem.root.conv"), gn, "stem.root.norm")])
-    for i, block in enumerate(stem.blocks):
-        p = f"stem.blocks.{i}"
-        y = b.op("Relu", [_group_norm(b, _conv(b, x, block.conv1, f"{p}.conv1"), block.norm1, f"{p}.norm1")])
-        y = _group_norm(b, _conv(b, y, block.conv2, f"{p}.conv2"), block.norm2, f"{p}.norm2")
-        if isinstance(block.shortcut, torch.nn.Sequential):
-            s_conv, s_gn = block.shortcut
-            short = _group_norm(b, _conv(b, x, s_conv, f"{p}.short"), s_gn, f"{p}.short.norm")
-        else:
-            short = x
-        x = b.op("Relu", [b.op("Add", [y, short])])
-    return x
+    from pipeline.export.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model.stem, Path(tmp) / "stem.onnx", image_size=model.image_size,
+                           in_channels=model.in_channels, opset=opset)
+        stem = inliner.inline_local_functions(onnx.load(str(path)))
+    g = stem.graph
+    names = {g.input[0].name: x}
+
+    def renamed(name: str) -> str:
+        return names.get(name, f"stem/{name}") if name else name
+
+    for init in g.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = renamed(init.name)
+        b.inits.append(copy)
+    for node in g.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"stem/{node.name or node.op_type}_{len(b.nodes)}"
+        copy.input[:] = [renamed(i) for i in node.input]
+        copy.output[:] = [renamed(o) for o in node.output]
+        b.nodes.append(copy)
+    return renamed(g.output[0].name)  # (B, C_stem, H/stride, W/stride)
 
 
 def _pos_embed(b: _Builder, model: VisionTransformer, grid_map: str, dynamic: bool, mode: str) -> tuple[np.ndarray, str]:
@@ -155,12 +163,10 @@ def _layer_norm_params(b: _Builder, ln: torch.nn.LayerNorm, hint: str) -> tuple[
 def unsupported_features(model: VisionTransformer) -> list[str]:
     """What `model` has that the fused graph does not build (empty: it builds all of it).
 
-    The builder writes the paper's ViT: patch conv, a class token, token pooling, one final norm.
-    The BiT ResNet stem of the hybrid and timm's pooling variants (imported checkpoints) are not
-    built yet; refusing them by name beats a graph that would fail its parity check."""
+    The builder writes the paper's ViT: patch conv (or the hybrid's stem), a class token, token
+    pooling, one final norm. timm's pooling variants (imported checkpoints) are not built yet;
+    refusing them by name beats a graph that would fail its parity check."""
     found = []
-    if model.stem is not None:
-        found.append("the hybrid's BiT ResNet stem")
     if model.cls_token is None or model.global_pool != "token":
         found.append(f"no class token / global_pool={model.global_pool!r}")
     if not isinstance(model.fc_norm, torch.nn.Identity):
@@ -181,6 +187,9 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
     if unsupported:
         raise ValueError(f"the fused graph builder does not cover this model ({'; '.join(unsupported)}); "
                          "export it with export.variants=[fp32] (torch.onnx.export, parity-checked like every variant)")
+    if dynamic_resolution and model.stem is not None:
+        raise ValueError("dynamic_resolution: the hybrid's stem is exported at its training size; export the "
+                         "hybrid with export.dynamic_resolution=false")
     for blk in model.blocks:
         if blk.norm1.eps != LN_EPS or blk.norm2.eps != LN_EPS:
             raise ValueError(f"LayerNorm eps {blk.norm1.eps}/{blk.norm2.eps}: the graph builder assumes {LN_EPS}")
@@ -191,7 +200,7 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
 
     x = INPUT_NAME
     if model.stem is not None:
-        x = _stem(b, x, model.stem)
+        x = _stem(b, x, model, opset)
     grid_map = _conv(b, x, model.patch_embed, "patch_embed")  # (B, D, gh, gw)
     patches = b.op("Transpose", [b.op("Reshape", [grid_map, b.const("bdn", np.array([0, d, -1], np.int64))])],
                    "patches", perm=[0, 2, 1])  # (B, N, D), row-major over the grid as in vit.py
