@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from pipeline.atomic import write_json
 from pipeline.config import ExportConfig
-from pipeline.data.manifest import load_manifest, manifest_location
+from pipeline.data.manifest import file_sha256, load_manifest, manifest_location
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_opset, compare_logits, onnx_logits, torch_logits
-from pipeline.export.variants import (file_sha256, graph_summary, labelled_images, measure_variant,
+from pipeline.export.variants import (graph_summary, labelled_images, measure_variant,
                                       preprocessing_metadata, write_variants)
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker

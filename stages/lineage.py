@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipeline.data.manifest import is_url, load_manifest, read_url
+from pipeline.data.manifest import file_sha256, is_url, load_manifest, read_url
 from pipeline.track import Tracker
 
 
@@ -20,11 +20,7 @@ def content_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (or of a URL's), read in 1 MiB chunks: the digest lineage tags name."""
     if is_url(path):
         return hashlib.sha256(read_url(str(path), what="input")).hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def log_dataset_input(tracker: Tracker, manifest: str | Path, context: str) -> str:

@@ -17,7 +17,8 @@ from pipeline.config import ConfigError, DataConfig, ExportConfig, ModelConfig, 
 from pipeline.export import graph as graph_builder
 from pipeline.export.onnx_export import (ExportError, check_opset, check_parity, export_graph, ort_session,
                                          read_metadata, runtime_max_opset, supported_opsets)
-from pipeline.export.variants import file_sha256, variant_file
+from pipeline.data.manifest import file_sha256
+from pipeline.export.variants import variant_file
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import VisionTransformer
 from pipeline.model.weights import save_weights_pair, weights_meta

@@ -12,7 +12,6 @@ written through `onnx_export.staged_file`, so a variant that fails while being w
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import tempfile
 from pathlib import Path
@@ -42,13 +41,6 @@ def variant_file(variant: str) -> str:
     return "model.onnx" if variant == "fp32" else f"model.{variant}.onnx"
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def preprocessing_metadata(meta: dict, weights_sha256: str, dynamic_resolution: bool) -> dict:
