@@ -95,16 +95,20 @@ def _pair_paths(path: str | Path) -> tuple[Path, Path]:
     raise ValueError(f"{path}: expected a weights-pair directory, a .safetensors or a .json file")
 
 
+def _read_json(meta_path: Path) -> Any:
+    try:
+        return json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON: {e}") from None
+
+
 def read_weights_pair(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a weights pair from its directory, .safetensors or .json path -> (state_dict, meta)."""
     weights, meta_path = _pair_paths(path)
     for p in (weights, meta_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: weights-pair file not found (a pair is {WEIGHTS_NAME} + {META_NAME})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path}: not valid JSON: {e}") from None
+    meta = _read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{meta_path}: not a vitpipe weights pair (format {found!r}, expected {FORMAT!r})")
@@ -125,10 +129,7 @@ def check_model_classes(weights: str | Path, class_names: Optional[Sequence[str]
     meta_path = _pair_paths(weights)[1]
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: weights-pair file not found (a pair is {WEIGHTS_NAME} + {META_NAME})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path}: not valid JSON: {e}") from None
+    meta = _read_json(meta_path)
     theirs = meta.get("class_names")
     count = int(meta.get("num_classes", len(theirs or [])))
     want = len(class_names) if class_names is not None else num_classes
