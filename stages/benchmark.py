@@ -21,13 +21,14 @@ from typing import Sequence
 from pipeline.atomic import write_json
 from pipeline.config import BenchmarkConfig
 from pipeline.export.benchmark import (
-    bench_input, compare, concurrency_sweep, environment, fallback_notices, format_table, measure, onnx_candidate,
+    bench_input, compare, concurrency_sweep, environment, fallback_notices, measure, onnx_candidate,
     torch_candidate,
 )
 from pipeline.export.benchmark_plot import plot_benchmark
 from pipeline.export.onnx_export import INPUT_NAME
 from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 from pipeline.export.providers import GPU_PROVIDERS, default_providers, onnxruntime_package
+from pipeline.tables import format_table
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.track import NullTracker, Tracker, model_requirements, register_onnx_model
 from stages import record

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from pipeline.config import BenchmarkConfig, ExportConfig
-from pipeline.export.benchmark import benchmark_onnx, benchmark_torch, compare, environment, format_table
+from pipeline.export.benchmark import benchmark_onnx, benchmark_torch, compare, environment
 from pipeline.export.onnx_export import ExportError, check_parity, export_onnx, ort_session
 from pipeline.model.vit import VisionTransformer
+from pipeline.tables import format_table
 
 IMAGE = 16
 TOLERANCE = ExportConfig().parity_tolerance  # 1e-4: the pipeline's own bar

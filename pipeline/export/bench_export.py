@@ -42,7 +42,8 @@ import torch
 
 from pipeline.atomic import write_json
 from pipeline.config import ModelConfig
-from pipeline.export.benchmark import _time_runs, bench_input, environment, format_table
+from pipeline.export.benchmark import _time_runs, bench_input, environment
+from pipeline.tables import format_table
 from pipeline.export.graph import fusions, op_counts
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session, physical_cores, torch_logits
 from pipeline.export.variants import labelled_images, measure_variant, preprocessing_metadata, write_variants
