@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.data.manifest import is_url, manifest_location
+from pipeline.data.manifest import manifest_location
+from pipeline.data.storage import is_url
 from pipeline.launch.targets import JobSpec, job_file, rank_workdir
 from pipeline.run_layout import MANIFEST_FILE, RunLayout
 from pipeline.train.loop import TrainJob

@@ -28,8 +28,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "tools")
 
@@ -172,17 +170,9 @@ def test_the_layer_check_catches_an_upward_import():
     assert layer_of("pipeline.train.worker") > layer_of("pipeline.launch.local")
 
 
-def test_no_import_cycle_outside_data():
-    cycles = [c for c in _cycles(_graph()) if not all(m.startswith("pipeline.data.") for m in c)]
+def test_no_import_cycle_anywhere():
+    cycles = _cycles(_graph())
     assert not cycles, "modules that import each other in a circle:\n" + "\n".join(" <-> ".join(c) for c in cycles)
-
-
-def test_no_import_cycle_in_data():
-    """pipeline/data/'s internal order is the `spine` branch's work (tests/test_layering.py there);
-    until it is merged the cycles it removes are reported here as an expected failure."""
-    cycles = [c for c in _cycles(_graph()) if all(m.startswith("pipeline.data.") for m in c)]
-    if cycles:
-        pytest.xfail("cycles in pipeline/data (removed by the spine branch): " + "; ".join(" <-> ".join(c) for c in cycles))
 
 
 def test_the_cycle_finder_finds_a_cycle():
