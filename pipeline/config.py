@@ -185,6 +185,9 @@ class TrainConfig:
     from the newest committed checkpoint."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept in the run folder (older ones are deleted)."""
+    preemption_grace_s: int = 120
+    """Seconds from a preemption signal to SIGKILL, long enough to write a checkpoint: torchrun's
+    shutdown timeout, Kubernetes' terminationGracePeriodSeconds and SLURM's --signal lead time."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the newest complete checkpoint of this stage's folder; never: start over."""
     verify_shards: Literal["full", "size"] = "full"
@@ -197,7 +200,7 @@ class TrainConfig:
 # invalidates a finished stage nor its checkpoints (resume on another number of ranks keeps going).
 EXECUTION_FIELDS = frozenset({"ranks", "workers", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                               "verify_shards", "resume", "peak_tflops", "eval_batch", "compile",
-                              "activation_checkpointing", "global_batch", "max_restarts"})
+                              "activation_checkpointing", "global_batch", "max_restarts", "preemption_grace_s"})
 
 
 def train_fingerprint_fields(t: "TrainConfig") -> dict:
@@ -454,6 +457,9 @@ def validate_train_settings(t: TrainConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}augment: mixup_alpha/cutmix_alpha must be >= 0 and mix_prob in [0, 1]")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {t.label_smoothing}")
+    if t.preemption_grace_s < 1:
+        raise ConfigError(f"{prefix}preemption_grace_s: must be >= 1 (seconds to write a checkpoint), "
+                          f"got {t.preemption_grace_s}")
     for name in ("eval_every", "checkpoint_every", "workers", "log_every", "max_restarts"):
         if getattr(t, name) < 0:
             raise ConfigError(f"{prefix}{name}: must be >= 0, got {getattr(t, name)}")

@@ -65,7 +65,8 @@ def run_training(job: TrainJob, nprocs: int, tracker: Tracker) -> dict:
     for stale in [*out_dir.glob(f"{ERROR_PREFIX}*.txt"), *out_dir.glob(f"{EXIT_PREFIX}*.txt"), out_dir / PREEMPTED_FILE]:
         stale.unlink(missing_ok=True)
     try:
-        launch_local([WORKER_MODULE, "--job", str(job_path)], nprocs, out_dir / TRAIN_LOG, job.train.max_restarts)
+        launch_local([WORKER_MODULE, "--job", str(job_path)], nprocs, out_dir / TRAIN_LOG, job.train.max_restarts,
+                     job.train.preemption_grace_s)
     except LaunchError as e:
         if e.exit_code == REQUEUE_EXIT or (out_dir / PREEMPTED_FILE).is_file():
             raise TrainingPreempted(f"{job.stage} stopped on request after committing a checkpoint in "

@@ -117,24 +117,52 @@ def test_slurm_dry_run_script(capsys, tmp_path):
     assert d["nodes"] == "4" and d["ntasks-per-node"] == "1" and d["gpus-per-node"] == "8"
     assert d["time"] == "02:00:00" and d["partition"] == "gpu" and d["account"] == "vit"
     assert d["signal"] == "B:USR1@120" and "requeue" in d and d["open-mode"] == "append"
+    assert d["mem"] == "32G" and d["cpus-per-task"] == "8"
     assert d["output"] == f"{tmp_path}/logs/%x-%j.out" and d["error"] == f"{tmp_path}/logs/%x-%j.err"
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
     assert "trap on_preempt USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     # the per-node command inside `srun ... bash -c '<cmd>'`
     srun = next(shlex.split(l) for l in script.splitlines() if l.startswith("srun "))
     assert srun[srun.index("bash") + 1] == "-c"
+    assert "--cpus-per-task=8" in srun[:srun.index("bash")]  # srun does not inherit it from sbatch
     inner = shlex.split(srun[srun.index("-c") + 1])
     assert inner[:4] == ["exec", sys.executable, "-m", "torch.distributed.run"]
     f = flags(inner[4:])
     assert f["nnodes"] == "$SLURM_NNODES" and f["node_rank"] == "$SLURM_NODEID" and f["nproc_per_node"] == "8"
     assert f["rdzv_endpoint"] == "$head_node:$rdzv_port" and f["rdzv_id"] == "$SLURM_JOB_ID"
+    assert f["shutdown_timeout"] == "120"  # torchrun's window to checkpoint: the same value as SLURM's lead
     assert inner[inner.index("-m", 4) + 1:] == ["pipeline.train.worker", "--job", f"{tmp_path}/pretrain/job.json"]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell syntax
 
 
 def test_slurm_script_without_gpus(capsys):
-    d = sbatch_directives(dry_run(capsys, "--target", "slurm", "--no-gpu", "--cpus-per-task", "2"))
-    assert "gpus-per-node" not in d and d["cpus-per-task"] == "2"
+    script = dry_run(capsys, "--target", "slurm", "--no-gpu", "--cpus-per-task", "2", "--mem-gib", "6")
+    d = sbatch_directives(script)
+    assert "gpus-per-node" not in d and d["cpus-per-task"] == "2" and d["mem"] == "6G"
+    assert "--cpus-per-task=2" in next(l for l in script.splitlines() if l.startswith("srun "))
+
+
+def test_one_preemption_window_from_the_recipe(capsys):
+    """pretrain.preemption_grace_s sets torchrun's shutdown timeout, SLURM's signal lead and the
+    pods' grace period, so a checkpoint that takes longer than 30 s is not killed half-written."""
+    script = dry_run(capsys, "pretrain.preemption_grace_s=600", "--target", "slurm")
+    assert sbatch_directives(script)["signal"] == "B:USR1@600"
+    inner = shlex.split(shlex.split(next(l for l in script.splitlines() if l.startswith("srun ")))[-2])
+    assert flags(inner[4:])["shutdown_timeout"] == "600"
+    job = yaml.safe_load(dry_run(capsys, "pretrain.preemption_grace_s=600", "--target", "k8s", "--nodes", "2"))
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = spec["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 600
+        assert "--shutdown_timeout=600" in pod["containers"][0]["command"]
+    torchrun = shlex.split(dry_run(capsys, "pretrain.preemption_grace_s=600", "--target", "torchrun",
+                                   "--rdzv", "h:1").splitlines()[1])
+    assert flags(torchrun)["shutdown_timeout"] == "600"
+    from pipeline.launch.local import standalone_torchrun_command
+
+    local = standalone_torchrun_command(2, ["pipeline.train.worker", "--job", "j.json"], 0, 600)
+    assert "--shutdown_timeout=600" in local[:local.index("-m", 3)]
+    assert main(["submit", str(TINY), "pretrain.preemption_grace_s=0", "--dry-run"]) == 2
+    assert "pretrain.preemption_grace_s: must be >= 1" in capsys.readouterr().err
 
 
 def test_hostfile_dry_run(capsys, tmp_path):
@@ -231,7 +259,20 @@ def test_k8s_dry_run_is_a_valid_pytorchjob(capsys, pytorchjob_schema, monkeypatc
         assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.mlops:9000"
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "vitpipe-s3"
         assert {m["mountPath"] for m in c["volumeMounts"]} == {"/workspace/runs/tiny", "/dev/shm"}
+        assert c["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+        assert "schedulerName" not in spec["template"]["spec"]
+    assert "schedulingPolicy" not in job["spec"]["runPolicy"]
     assert replicas["Master"]["template"]["spec"]["containers"][0]["ports"][0]["name"] == "pytorchjob-port"
+
+
+def test_k8s_gang_scheduling_is_a_valid_pytorchjob(capsys, pytorchjob_schema):
+    job = yaml.safe_load(dry_run(capsys, "--target", "k8s", "--nodes", "4", "--gang-scheduler", "volcano",
+                                 "--mem-gib", "200", "--workdir", "/workspace/runs/tiny"))
+    jsonschema.validate(job, pytorchjob_schema)
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4}  # all four replicas or none
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        assert spec["template"]["spec"]["schedulerName"] == "volcano"
+        assert spec["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"] == "200Gi"
 
 
 def test_pytorchjob_schema_rejects_what_the_operator_would(pytorchjob_schema):

@@ -48,6 +48,9 @@ def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partition", help="slurm: partition")
     p.add_argument("--account", help="slurm: account")
     p.add_argument("--cpus-per-task", type=int, default=8, help="slurm: CPUs per node task; k8s: CPU request")
+    p.add_argument("--mem-gib", type=int, default=32, help="slurm: --mem per node; k8s: memory request (GiB)")
+    p.add_argument("--gang-scheduler", metavar="NAME", help="k8s: a gang scheduler (e.g. volcano): all replicas "
+                   "start together or none does")
     p.add_argument("--no-gpu", action="store_true", help="ask the scheduler for no GPUs (CPU clusters)")
     p.add_argument("--python", default=None, help="interpreter on the nodes (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
@@ -72,6 +75,8 @@ def spec_from_args(args: argparse.Namespace, cfg=None) -> JobSpec:
         max_restarts=args.max_restarts, manifest=str(args.manifest) if args.manifest else None,
         hosts=[h for h in (args.hosts or "").split(",") if h], image=args.image, time_limit=args.time,
         partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, gpu=not args.no_gpu,
+        memory_gib=args.mem_gib, gang_scheduler=args.gang_scheduler,
+        grace_seconds=cfg.pretrain.preemption_grace_s,  # the one preemption window (the recipe's)
         python=args.python or sys.executable, env=passthrough_env(),
     )
 

@@ -41,24 +41,27 @@ def worker_env(nprocs: int) -> dict[str, str]:
     return env
 
 
-def standalone_torchrun_command(nprocs: int, module_args: list[str], max_restarts: int = 0) -> list[str]:
+def standalone_torchrun_command(nprocs: int, module_args: list[str], max_restarts: int = 0,
+                                shutdown_timeout: int = 120) -> list[str]:
     """torchrun for this machine alone (``--standalone``: rendezvous on a free local port), running
-    ``python -m <module_args...>`` as `nprocs` ranks. (`targets.torchrun_command` is one node of a
-    multi-node job.)"""
+    ``python -m <module_args...>`` as `nprocs` ranks; `shutdown_timeout`: seconds from a forwarded
+    signal to SIGKILL (the ranks' time to checkpoint). (`targets.node_torchrun_command` is one node
+    of a multi-node job.)"""
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={nprocs}", f"--max-restarts={max_restarts}",
-        "-m", *module_args,
+        f"--shutdown_timeout={shutdown_timeout}", "-m", *module_args,
     ]
 
 
-def launch_local(module_args: list[str], nprocs: int, log_path: Path, max_restarts: int = 0) -> None:
+def launch_local(module_args: list[str], nprocs: int, log_path: Path, max_restarts: int = 0,
+                 shutdown_timeout: int = 120) -> None:
     """Run ``python -m <module_args...>`` as `nprocs` local ranks; output goes to the console and to `log_path`.
 
     With `max_restarts`, torchrun restarts every rank after one fails; they resume from the newest
     committed checkpoint (a restarted rank cannot rejoin a running ZeRO group on its own).
     """
-    cmd = standalone_torchrun_command(nprocs, module_args, max_restarts)
+    cmd = standalone_torchrun_command(nprocs, module_args, max_restarts, shutdown_timeout)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         # torchrun dies with this process (and each rank with torchrun: pipeline.train.worker), so a

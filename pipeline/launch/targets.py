@@ -100,6 +100,13 @@ class JobSpec:
     account: Optional[str] = None
     cpus_per_task: int = 8
     """CPUs per node task (SLURM) or container CPU request (k8s)."""
+    memory_gib: int = 32
+    """Memory per node: SLURM's --mem, the container's memory request (k8s)."""
+    grace_seconds: int = 120
+    """Preemption window, from the recipe's `<stage>.preemption_grace_s`: torchrun's shutdown timeout,
+    Kubernetes' terminationGracePeriodSeconds, SLURM's --signal lead time."""
+    gang_scheduler: Optional[str] = None
+    """k8s: a gang scheduler (e.g. volcano) that starts all replicas together or none; None: the default scheduler."""
     gpu: bool = True
     """Ask the scheduler for GPUs (off for CPU-only clusters and tests)."""
     python: str = "python"
@@ -120,6 +127,10 @@ class JobSpec:
             split_endpoint(self.rdzv_endpoint)
         if self.max_restarts < 0:
             raise SubmitError("--max-restarts must be >= 0")
+        if self.memory_gib < 1 or self.cpus_per_task < 1:
+            raise SubmitError(f"--mem-gib ({self.memory_gib}) and --cpus-per-task ({self.cpus_per_task}) must be >= 1")
+        if self.grace_seconds < 1:
+            raise SubmitError(f"preemption grace {self.grace_seconds} s: must be >= 1")
 
     @property
     def world_size(self) -> int:
@@ -195,7 +206,8 @@ def node_torchrun_command(spec: JobSpec, node_rank: int | str, endpoint: str | N
     if isinstance(node_rank, int) and not 0 <= node_rank < spec.nodes:
         raise SubmitError(f"--node-rank {node_rank}: must be in [0, {spec.nodes})")
     cmd = ["torchrun", f"--nnodes={nnodes or spec.nodes}", f"--nproc_per_node={spec.gpus_per_node}",
-           f"--node_rank={node_rank}", f"--max_restarts={spec.max_restarts}"]
+           f"--node_rank={node_rank}", f"--max_restarts={spec.max_restarts}",
+           f"--shutdown_timeout={spec.grace_seconds}"]
     if spec.rdzv_backend == "static":
         host, port = endpoint.rsplit(":", 1)
         cmd += ["--rdzv_backend=static", f"--master_addr={host}", f"--master_port={port}"]
@@ -227,7 +239,7 @@ def slurm_log_paths(spec: JobSpec) -> tuple[str, str]:
 def slurm_script(spec: JobSpec) -> str:
     """An sbatch script: one task per node running torchrun, rendezvous on the allocation's first node.
 
-    Preemption: SLURM sends SIGUSR1 to this batch shell 120 s before the time limit (or on
+    Preemption: SLURM sends SIGUSR1 to this batch shell `grace_seconds` before the time limit (or on
     preemption with a grace time); the trap forwards it through srun to torchrun, which forwards it
     to the ranks (TORCHELASTIC_SIGNALS_TO_HANDLE) so they can write a checkpoint; then the job is
     requeued and continues from that checkpoint.
@@ -236,7 +248,8 @@ def slurm_script(spec: JobSpec) -> str:
     port = split_endpoint(spec.rdzv_endpoint)[1] if spec.rdzv_endpoint else DEFAULT_RDZV_PORT
     sb = [f"--job-name={spec.name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
           f"--cpus-per-task={spec.cpus_per_task}", f"--time={spec.time_limit}",
-          f"--output={out}", f"--error={err}", "--open-mode=append", "--requeue", "--signal=B:USR1@120"]
+          f"--mem={spec.memory_gib}G", f"--output={out}", f"--error={err}", "--open-mode=append", "--requeue",
+          f"--signal=B:USR1@{spec.grace_seconds}"]
     if spec.gpu:
         sb.insert(3, f"--gpus-per-node={spec.gpus_per_node}")
     if spec.partition:
@@ -268,7 +281,9 @@ def slurm_script(spec: JobSpec) -> str:
              "}",
              "trap on_preempt USR1",
              # Quoted: $SLURM_NODEID etc. are expanded by the task's shell on its own node.
-             f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(inner)} &",
+             # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): repeat it, or each task gets one CPU
+             f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task={spec.cpus_per_task} "
+             f"bash -c {shlex.quote(inner)} &",
              "srun_pid=$!",
              # `wait` returns early when a trapped signal arrives; wait again for the checkpoint.
              'status=0; wait "$srun_pid" || status=$?',
@@ -298,7 +313,7 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
     argument, so the container command names no rendezvous flags (a static rendezvous at the
     Master's service). The workdir is a shared volume (a ReadWriteMany PVC) mounted at the same path.
     """
-    resources: dict = {"requests": {"cpu": str(spec.cpus_per_task)}, "limits": {}}
+    resources: dict = {"requests": {"cpu": str(spec.cpus_per_task), "memory": f"{spec.memory_gib}Gi"}, "limits": {}}
     if spec.gpu:
         resources["limits"]["nvidia.com/gpu"] = str(spec.gpus_per_node)
     mount = rank_workdir(spec, "k8s")  # the ranks see the shared volume at `mount`
@@ -308,7 +323,8 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
             "name": "pytorch",  # the operator finds the training container by this name
             "image": spec.image,
             "imagePullPolicy": "IfNotPresent",
-            "command": ["torchrun", f"--max_restarts={spec.max_restarts}", "-m", *worker_args(spec, "k8s")],
+            "command": ["torchrun", f"--max_restarts={spec.max_restarts}", f"--shutdown_timeout={spec.grace_seconds}",
+                        "-m", *worker_args(spec, "k8s")],
             "env": _k8s_env(spec),
             "resources": copy.deepcopy(resources),  # no YAML anchors in the rendered manifest
             "volumeMounts": [{"name": "workdir", "mountPath": mount}, {"name": "dshm", "mountPath": "/dev/shm"}],
@@ -319,6 +335,9 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
             "replicas": count,
             "restartPolicy": "OnFailure",
             "template": {"spec": {
+                # the kubelet's SIGTERM -> SIGKILL window: the ranks' time to write a checkpoint
+                "terminationGracePeriodSeconds": spec.grace_seconds,
+                **({"schedulerName": spec.gang_scheduler} if spec.gang_scheduler else {}),
                 "containers": [container],
                 "volumes": [{"name": "workdir", "persistentVolumeClaim": {"claimName": pvc}},
                             # NCCL and DataLoader workers need more shared memory than the default 64 MiB
@@ -336,7 +355,9 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
                                                   "vitpipe/stage": spec.stage}},
         "spec": {
             "nprocPerNode": str(spec.gpus_per_node),
-            "runPolicy": {"backoffLimit": max(spec.max_restarts, 0) + 3, "cleanPodPolicy": "None"},
+            "runPolicy": {"backoffLimit": max(spec.max_restarts, 0) + 3, "cleanPodPolicy": "None",
+                          # gang scheduling: every replica starts, or none holds GPUs while waiting
+                          **({"schedulingPolicy": {"minAvailable": spec.nodes}} if spec.gang_scheduler else {})},
             "pytorchReplicaSpecs": replicas,
         },
     }
