@@ -9,6 +9,7 @@ the rest of the package, so every layer may use it.
       config.yaml  summary.json  summary.txt  submit.json  .vitpipe.lock
       prepare/     shards/  manifest.json
       pretrain/    checkpoints/  model.safetensors  model.json  result.json  losses.jsonl  train.log  job.json
+                   (submitted.json while a job handed to a scheduler is not yet recorded)
       finetune/    the same files as pretrain/
       export/      model.onnx  model.<variant>.onnx  model.onnx.json
       benchmark/   bench.json  bench.png
@@ -32,6 +33,7 @@ RESULT_FILE = "result.json"
 LOSSES_FILE = "losses.jsonl"
 TRAIN_LOG = "train.log"
 JOB_FILE = "job.json"
+SUBMITTED_FILE = "submitted.json"  # a job handed to a scheduler: its fingerprint and MLflow run
 # The export stage's fp32 graph (its other variants: pipeline/export/variants.py)
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"

@@ -1,4 +1,4 @@
-"""The orchestrator's half of a submitted job: build the typed job once and write it where the ranks read it.
+"""The orchestrator's half of a submitted job: start the stage, build the typed job once, write it where the ranks read it.
 
 `vitpipe submit` (tools/submit_cli.py) calls `write_submitted_job` before it hands the job to a
 scheduler; every rank on every node then runs `pipeline.train.worker --job <that file>`, the same
@@ -15,6 +15,7 @@ from pipeline.data.manifest import manifest_location
 from pipeline.data.storage import is_url
 from pipeline.launch.targets import JobSpec, job_file, rank_workdir
 from pipeline.run_layout import MANIFEST_FILE, RunLayout
+from pipeline.track import start_tracker
 from pipeline.train.loop import TrainJob
 from stages import pretrain
 from stages.recipe import dataset_manifest
@@ -50,9 +51,18 @@ def submitted_job(cfg: PipelineConfig, workdir: str | Path, stage: str = "pretra
 
 
 def write_submitted_job(cfg: PipelineConfig, spec: JobSpec, target: str) -> Path:
-    """Write the job file of `spec` (on the submitting machine) where its ranks will read it; return it."""
-    job = submitted_job(cfg, spec.workdir, spec.stage, spec.manifest, ranks_see=rank_workdir(spec, target))
-    here = RunLayout(Path(spec.workdir)).stage(spec.stage) / Path(job_file(spec, target)).name
+    """Before `spec` is handed to a scheduler: start the stage as a local run would (checks,
+    checkpoint rules, the MLflow run, `submitted.json`: `stages.pretrain.begin_submitted`) and write
+    the job file where its ranks will read it; return that file (on this machine)."""
+    workdir = Path(spec.workdir)
+    job = submitted_job(cfg, workdir, spec.stage, spec.manifest, ranks_see=rank_workdir(spec, target))
+    out_dir = RunLayout(workdir).stage(spec.stage)
+    tracker = start_tracker(cfg.tracking, run_name=f"{cfg.name}/{spec.stage}",
+                            tags={"vitpipe.stage": spec.stage, "vitpipe.submitted_to": target})
+    job = pretrain.begin_submitted(cfg.model, cfg.pretrain, spec.manifest or dataset_manifest(cfg, workdir),
+                                   out_dir, tracker, job)
+    tracker.close()  # delivered; the run stays RUNNING for the ranks, and is ended when the job is recorded
+    here = out_dir / Path(job_file(spec, target)).name
     here.parent.mkdir(parents=True, exist_ok=True)
     job.save(here)  # atomic: a node that starts early never reads half a file
     return here

@@ -323,8 +323,10 @@ def step_losses(text: str) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_on_loopback_match_two_local_ranks(prepared, tmp_path):
+def test_two_torchrun_nodes_on_loopback_match_two_local_ranks(prepared, tmp_path, monkeypatch):
     from stages import pretrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the submitted run's
 
     overrides = ["pretrain.steps=4", "pretrain.log_every=1", "pretrain.checkpoint_every=0"]
     cfg = load_config(TINY, overrides)
@@ -463,6 +465,7 @@ def test_slurm_submit_status_and_logs(slurm_cluster, prepared, tmp_path, monkeyp
     for k, v in slurm_cluster["env"].items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     work = tmp_path / "run"
     (work / "prepare").mkdir(parents=True)
     (work / "prepare" / "manifest.json").symlink_to(prepared / "prepare" / "manifest.json")
@@ -494,3 +497,43 @@ def test_slurm_submit_status_and_logs(slurm_cluster, prepared, tmp_path, monkeyp
     result = json.loads((work / "pretrain" / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 3
     assert (work / "pretrain" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_submitted_job_is_a_first_class_run(prepared, tmp_path, monkeypatch, capsys):
+    """`vitpipe submit` starts the stage as a local run would (MLflow run, checkpoint settings);
+    the ranks log to that run; a later `vitpipe pretrain` takes the finished job as done (stage
+    record written, run ended FINISHED) instead of wiping and retraining it."""
+    import mlflow
+
+    work = tmp_path / "submitted"
+    work.mkdir()
+    (work / "prepare").symlink_to(prepared / "prepare")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # torchrun
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = ["pretrain.steps=4", "pretrain.log_every=1", "pretrain.checkpoint_every=2"]
+    code = main(["submit", str(TINY), *overrides, "--target", "torchrun", "--gpus-per-node", "2",
+                 "--rdzv", f"127.0.0.1:{free_port()}", "--workdir", str(work), "--no-gpu"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    out = work / "pretrain"
+    submitted = json.loads((out / "submitted.json").read_text())
+    assert not (out / "stage.json").exists()  # not recorded until a run of the same settings sees it
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.get_run(submitted["mlflow_run_id"])
+    assert run.info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    weights_mtime = (out / "model.safetensors").stat().st_mtime_ns
+
+    capsys.readouterr()
+    assert main(["pretrain", str(TINY), *overrides, "--workdir", str(work)]) == 0
+    printed = capsys.readouterr().out
+    assert "the submitted job finished: recorded, not trained again" in printed
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights_mtime  # not retrained
+    assert json.loads((out / "stage.json").read_text())["result"]["submitted"] is True
+    assert client.get_run(submitted["mlflow_run_id"]).info.status == "FINISHED"
+    assert not (out / "submitted.json").exists()
+    # and from then on it is an ordinary completed stage
+    assert main(["pretrain", str(TINY), *overrides, "--workdir", str(work)]) == 0
+    assert "up to date" in capsys.readouterr().out

@@ -74,3 +74,35 @@ def test_a_recipe_with_finetune_never_exports_the_pretrained_weights_instead(run
                  "export.variants=[fp32]", "tracking.enabled=false"])
     assert code == 1
     assert f"{missing.parent}/model." in capsys.readouterr().err  # the pair it needs, by name
+
+
+def test_a_tracked_run_ends_once_with_the_status_its_work_ended_in(tmp_path, monkeypatch):
+    """stages.training.tracked_run, the one place (the CLI's stage commands, `vitpipe run`'s parent
+    and child runs, a resumed training stage) that ends an MLflow run."""
+    import mlflow
+
+    from pipeline.config import TrackingConfig
+    from pipeline.track import start_tracker
+    from stages.training import TrainingPreempted, tracked_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = TrackingConfig(system_metrics_interval=0)
+    statuses = {}
+    for name, error in (("ok", None), ("preempted", TrainingPreempted("stopped")), ("failed", ValueError("bad")),
+                        ("interrupted", KeyboardInterrupt())):
+        tracker = start_tracker(cfg, run_name=name)
+        try:
+            with tracked_run(tracker):
+                if error is not None:
+                    raise error
+        except (TrainingPreempted, ValueError, KeyboardInterrupt):
+            pass
+        statuses[name] = mlflow.tracking.MlflowClient(uri).get_run(tracker.run_id).info.status
+    assert statuses == {"ok": "FINISHED", "preempted": "KILLED", "failed": "FAILED", "interrupted": "FAILED"}
+    # a run the caller owns is left as it is
+    tracker = start_tracker(cfg, run_name="borrowed")
+    with tracked_run(tracker, owned=False):
+        pass
+    assert mlflow.tracking.MlflowClient(uri).get_run(tracker.run_id).info.status == "RUNNING"
+    tracker.finish()
