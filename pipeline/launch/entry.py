@@ -18,6 +18,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from pipeline.atomic import atomic_path
+
 
 def build_job(recipe: str, overrides: list[str], workdir: Path, stage: str = "pretrain",
               manifest: str | Path | None = None):
@@ -49,10 +51,8 @@ def build_job(recipe: str, overrides: list[str], workdir: Path, stage: str = "pr
 
 def write_job(job, path: Path) -> None:
     """Write the job file so that concurrent ranks on several nodes all leave the same complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}")
-    job.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # unique per writer: ranks on several nodes may share the folder
+        job.save(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
