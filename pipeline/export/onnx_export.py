@@ -79,7 +79,8 @@ def _fp32(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors are (the export's example input goes there too)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -218,7 +219,7 @@ def export_onnx(
         raise ExportError(f"{path}: opset {opset} is below the exporter's native {EXPORTER_OPSET}; "
                           f"asking for it means a lossy down-conversion. Use opset >= {EXPORTER_OPSET}")
     net = _fp32(model)
-    example = torch.randn(EXAMPLE_BATCH, in_channels, h, w, device=_device(net))
+    example = torch.randn(EXAMPLE_BATCH, in_channels, h, w, device=model_device(net))
     with staged_file(path) as tmp:
         with _eval_mode(net), torch.no_grad(), _quiet_exporter():
             try:
@@ -394,7 +395,7 @@ def onnx_logits(session: Any, images: torch.Tensor | np.ndarray, batch_size: int
 def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """`model`'s fp32 logits for `images` (N, C, H, W), in batches, as float32 (N, classes)."""
     net = _fp32(model)
-    device = _device(net)
+    device = model_device(net)
     images = images.detach().to(torch.float32).cpu()
     with _eval_mode(net):
         out = [net(images[i : i + batch_size].to(device)).float().cpu().numpy() for i in range(0, len(images), batch_size)]
