@@ -96,8 +96,14 @@ def write_variants(
                                                                            "dynamic_resolution": False})
     if not any(v in BUILT for v in variants):
         return paths
-    fused = graph_builder.build_vit_graph(model, opset=opset, dynamic_resolution=dynamic_resolution,
-                                          pos_embed_mode=metadata.get("pos_embed_interp", "bicubic"))
+    def fused_graph(skip_layer_norm: bool):
+        return graph_builder.build_vit_graph(model, opset=opset, dynamic_resolution=dynamic_resolution,
+                                             pos_embed_mode=metadata.get("pos_embed_interp", "bicubic"),
+                                             skip_layer_norm=skip_layer_norm)
+
+    # The CPU variants (optimized, int8) use Add + LayerNormalization, the GPU one (fp16) the fused
+    # SkipLayerNormalization: each is the faster form on its provider (graph.py's docstring).
+    fused = fused_graph(skip_layer_norm=False) if any(v != "fp16" for v in variants if v in BUILT) else None
 
     def meta_for(variant: str) -> dict:
         return {**metadata, "variant": variant}
@@ -106,7 +112,7 @@ def write_variants(
         paths["optimized"] = export_graph(_copy(fused), out_dir / variant_file("optimized"), image_size=size,
                                           in_channels=c, opset=opset, metadata=meta_for("optimized"))
     if "fp16" in variants:
-        half = precision.to_fp16(_copy(fused), keep_io_types=fp16_keep_io_types, fp32_ops=fp16_fp32_ops)
+        half = precision.to_fp16(fused_graph(skip_layer_norm=True), keep_io_types=fp16_keep_io_types, fp32_ops=fp16_fp32_ops)
         paths["fp16"] = export_graph(half, out_dir / variant_file("fp16"), image_size=size, in_channels=c,
                                      opset=opset, metadata={**meta_for("fp16"), "fp16_keep_io_types": fp16_keep_io_types})
     int8 = [v for v in ("int8_dynamic", "int8_static") if v in variants]
