@@ -2,7 +2,8 @@
 
 All three start from the fused graph of `pipeline.export.graph`, so they keep its fused attention:
 dynamic quantization turns each ``Attention`` into ``QAttention`` and each MatMul into an integer
-matmul with activations quantized per batch at run time (nothing to calibrate); static quantization
+matmul with activations quantized per batch at run time (nothing to calibrate; the patch Conv stays
+fp32, see DYNAMIC_QUANT_OPS); static quantization
 inserts QuantizeLinear/DequantizeLinear pairs (QDQ) around the matmuls with activation ranges
 calibrated on training images, which onnxruntime fuses into integer kernels when it loads the graph.
 """

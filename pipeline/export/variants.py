@@ -1,10 +1,10 @@
 """The export variants: which graph each name means, its file name, and how it is written.
 
     fp32          torch.onnx.export of the model, no fusions: the baseline (model.onnx)
-    optimized     the fused fp32 graph of `pipeline.export.graph` (model.optimized.onnx)
-    fp16          the fused graph in fp16, fp32 I/O by default, for GPUs (model.fp16.onnx)
-    int8_dynamic  the fused graph, int8 weights, activations quantized per batch, for CPUs
-    int8_static   the fused graph, int8 QDQ calibrated on training images, for CPUs
+    optimized     the fused fp32 graph of `pipeline.export.graph`, CPU form (model.optimized.onnx)
+    fp16          the fused graph, GPU form (SkipLayerNormalization), in fp16, fp32 I/O by default (model.fp16.onnx)
+    int8_dynamic  the fused CPU graph, int8 weights, activations quantized per batch, for CPUs
+    int8_static   the fused CPU graph, int8 QDQ calibrated on training images, for CPUs
 
 Every file carries the preprocessing in its metadata_props (`preprocessing_metadata`) and is
 written through `onnx_export.staged_file`, so a variant that fails while being written leaves no file.
