@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.launch.submit_cli import add_submit_parsers
 
     add_submit_parsers(sub)
-    from pipeline.data.bench_prepare import add_bench_prepare_parser
-    from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
+    from tools.bench_prepare import add_bench_prepare_parser
+    from tools.shards import add_bench_data_parser, add_shards_parser
     from pipeline.export.bench_export import add_bench_export_parser
     from pipeline.train.bench import add_bench_train_parser
 
@@ -179,7 +179,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_bench_tracking(args)
     if args.command == "bench" and args.bench_command == "prepare":
-        from pipeline.data.bench_prepare import run_bench_prepare
+        from tools.bench_prepare import run_bench_prepare
 
         return run_bench_prepare(args)
     if args.command == "import-weights":
@@ -196,7 +196,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_predict(args)
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
-        from pipeline.data.shards_cli import run_bench_data, run_shards
+        from tools.shards import run_bench_data, run_shards
 
         return run_shards(args) if args.command == "shards" else run_bench_data(args)
     cfg = load_config(args.recipe, args.overrides)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     from pipeline.config import ConfigError
-    from pipeline.data.manifest import DataError
+    from pipeline.data.errors import DataError
     from pipeline.train.preemption import REQUEUE_EXIT
     from pipeline.train.stage_runner import TrainingPreempted
 

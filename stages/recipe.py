@@ -27,7 +27,8 @@ def dataset_manifest(cfg: PipelineConfig, workdir: Path) -> str | Path:
     """Where the prepare stage of this recipe leaves its manifest: under data.output when set (a
     folder or s3://bucket/prefix), else in the working directory's prepare/ folder."""
     if cfg.data.output:
-        from pipeline.data.manifest import MANIFEST_NAME, is_url, manifest_url
+        from pipeline.data.manifest import MANIFEST_NAME, manifest_url
+        from pipeline.data.storage import is_url
 
         if is_url(cfg.data.output):
             return manifest_url(cfg.data.output.rstrip("/"))

@@ -32,8 +32,9 @@ ALL = ["fp32", "optimized", "fp16", "int8_dynamic", "int8_static"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(weights path, manifest path): 900 digits (a third held out), a 2-block ViT trained for 120 steps."""
-    from pipeline.data.loader import iter_split, make_transform
-    from pipeline.data.manifest import prepare_dataset
+    from pipeline.data.eval_stream import iter_split
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.transforms import make_transform
     from pipeline.model.vit import build_model
 
     root = tmp_path_factory.mktemp("trained")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import (EXECUTION_FIELDS, ConfigError, DataConfig, ModelConfig, TrackingConfig, TrainConfig,
                              finetune_model_config, load_config, train_fingerprint_fields, validate)
-from pipeline.data.manifest import prepare_dataset
+from pipeline.data.prepare import prepare_dataset
 from pipeline.model.vit import build_model
 from pipeline.model.weights import model_from_pair, read_weights_pair, save_weights_pair, weights_meta
 from pipeline.train.loop import LOSSES_FILE, Preempted, TrainJob, Trainer, build_engine, init_distributed

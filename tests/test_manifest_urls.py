@@ -19,10 +19,11 @@ from typing import Iterator
 import pytest
 import torch
 
-from pipeline.data.augment import TrainTransform
-from pipeline.data.loader import eval_batches
-from pipeline.data.manifest import DataError, load_manifest, manifest_location, verify_manifest
+from pipeline.data.errors import DataError
+from pipeline.data.eval_stream import eval_batches
+from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.data.stream import train_stream
+from pipeline.data.transforms import TrainTransform
 from stages.record import file_identity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.loader import eval_batches
+from pipeline.data.eval_stream import eval_batches
 from pipeline.data.manifest import Manifest
 
 DEFAULT_SHOTS = (1, 5, 10, 25)

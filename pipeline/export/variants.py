@@ -22,7 +22,8 @@ import onnx
 import torch
 
 from pipeline.config import EXPORT_VARIANTS, ExportConfig
-from pipeline.data.loader import iter_split, make_transform
+from pipeline.data.eval_stream import iter_split
+from pipeline.data.transforms import make_transform
 from pipeline.export import graph as graph_builder
 from pipeline.export import precision
 from pipeline.export.onnx_export import (ExportError, compare_logits, export_graph, export_onnx, onnx_logits,

@@ -27,7 +27,8 @@ def build_job(recipe: str, overrides: list[str], workdir: Path, stage: str = "pr
     where the recipe's prepare stage leaves it (data.output, else <workdir>/prepare).
     """
     from pipeline.config import load_config
-    from pipeline.data.manifest import is_url, manifest_location
+    from pipeline.data.manifest import manifest_location
+    from pipeline.data.storage import is_url
     from stages import pretrain
     from stages.recipe import dataset_manifest
 

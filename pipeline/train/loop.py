@@ -34,10 +34,10 @@ import torch.nn.functional as F
 
 from pipeline.atomic import write_json
 from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, from_dict, validate_model, validate_train
-from pipeline.data.augment import TrainTransform, mix_batch
-from pipeline.data.loader import eval_batches
+from pipeline.data.eval_stream import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
+from pipeline.data.transforms import TrainTransform, mix_batch
 from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
 from pipeline.track import tracker_for_rank
