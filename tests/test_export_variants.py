@@ -302,7 +302,7 @@ def test_the_plain_export_emits_the_asked_opset_without_conversion_warnings(tmp_
 
 
 def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
-    from pipeline.export.bench_export import bench_export
+    from tools.bench_export import bench_export
 
     result = bench_export("vit-ti4", image_size=16, batch_sizes=(1, 4), rounds=1, iterations=1, busy_seconds=20,
                           num_classes=10, depth=1, workdir=tmp_path)

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.transforms import make_transform
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
+from pipeline.run_layout import ONNX_FILE, WEIGHTS_FILE
 from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 
 SUPPORTED_RESIZE = ("bicubic",)
@@ -143,7 +144,7 @@ def load_predictor(model: str | Path, providers: Sequence[str] | None = None) ->
         return _registry_predictor(text)
     path = Path(model)
     if path.is_dir():
-        for candidate in ("model.onnx", "model.safetensors"):
+        for candidate in (ONNX_FILE, WEIGHTS_FILE):
             if (path / candidate).is_file():
                 path = path / candidate
                 break
