@@ -9,7 +9,7 @@ is written directly in the fused form onnxruntime runs fastest on CPU and CUDA:
     images (B, C, H, W) -> [ResNet stem] -> patch embed -> (B, N, D) -> Concat cls -> Add pos
         (patch embed: Reshape/Transpose to patches + MatMul + bias at a fixed size (`_patch_matmul`);
         the Conv for the hybrid's 1x1 projection and for dynamic resolution)
-    per block:  LayerNormalization (first block only; later ones come out of the SkipLayerNorm below)
+    per block:  LayerNormalization (first block only; later ones follow each residual add below)
                 com.microsoft.Attention (fused qkv weights (D, 3D), one node: QK^T, softmax, V, heads)
                 MatMul proj -> Add proj bias -> Add residual -> LayerNormalization norm2
                 MatMul fc1 -> com.microsoft.BiasGelu (exact erf GELU, as F.gelu) -> MatMul fc2
@@ -24,7 +24,8 @@ took 0.48 ms on a (1, 197, 384) tensor where Add + Add + LayerNormalization took
 ViT-S has 24 of them: ~10 ms of a ~90 ms forward, and ~30 % of the int8 graph's time). onnxruntime
 does not re-fuse them while the residual sum has a second consumer (it fuses only the final norm,
 on the class token). ``skip_layer_norm=True`` writes SkipLayerNormalization, for the fp16 (GPU)
-graph, where the fused kernel is the fast one and keeps the residual stream in one fp32 op.
+graph: on CUDA it is the fusion onnxruntime's own optimizer targets (not timed here: no GPU), and
+kept fp32 it holds the residual stream in fp32 (precision.to_fp16).
 
 `com.microsoft.Attention` takes our fused qkv Linear directly: its weight is (D, 3D) with Q, K, V
 concatenated on the last axis, which is ``qkv.weight.T`` (the Linear's output is laid out (3, H, hd)).
