@@ -324,7 +324,7 @@ class Trainer:
             (self.ckpt_root / tag / checkpoints.MARKER).unlink(missing_ok=True)
         dist.barrier()
         _fault_point("save", step, self.rank)
-        engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
+        checkpoints.write(engine, self.ckpt_root, tag, client, step, self.rank)  # a full disk: one clear error
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
             checkpoints.commit(self.ckpt_root, tag, step, self.world, self.t.zero_stage, self.job.run_id)
