@@ -30,6 +30,7 @@ from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_opset, co
 from pipeline.export.variants import (graph_summary, labelled_images, measure_variant,
                                       preprocessing_metadata, write_variants)
 from pipeline.model.weights import check_model_classes, model_from_pair
+from pipeline.plots import VARIANTS_PLOT, plot_variant_accuracy
 from pipeline.track import NullTracker, Tracker
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input
@@ -147,9 +148,12 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     meta_path = out_dir / "model.onnx.json"
     write_json(meta_path, info)
     tracker.log_artifact(meta_path)
+    plot = plot_variant_accuracy(variants, out_dir / VARIANTS_PLOT, f"export: held-out top-1 of each variant "
+                                 f"({len(images)} val images)")
+    tracker.log_artifact(plot, "plots")
     tracker.log_lineage(inputs={"weights": content_sha256(weights), "dataset": log_dataset_input(tracker, manifest, "eval")},
                         outputs={"onnx": content_sha256(paths[main])})
-    record.finish(out_dir, "export", fp, [*paths.values(), meta_path], info)
+    record.finish(out_dir, "export", fp, [*paths.values(), meta_path, plot], info)
     return info
 
 

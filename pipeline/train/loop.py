@@ -38,8 +38,10 @@ from pipeline.data.augment import TrainTransform, mix_batch
 from pipeline.data.loader import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
+from pipeline.eval.confusion import confusion_counts, write_confusion
 from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
+from pipeline.plots import CONFUSION_PLOT, TRAINING_PLOT, plot_confusion, plot_training, read_history
 from pipeline.track import tracker_for_rank
 from pipeline.train import checkpoints
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
@@ -51,6 +53,7 @@ from pipeline.train.schedule import lr_factor
 
 RESULT_FILE = "result.json"
 LOSSES_FILE = "losses.jsonl"
+METRICS_FILE = "metrics.jsonl"  # rank 0's logged metrics per step (what the training plot draws)
 PREEMPTED_FILE = "preempted.json"
 
 
@@ -137,19 +140,29 @@ def _device() -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device, dtype) -> dict:
-    """Top-1 accuracy and mean loss over `batches`, summed across ranks (every rank must call)."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device, dtype,
+             num_classes: int | None = None) -> dict:
+    """Top-1 accuracy and mean loss over `batches`, summed across ranks (every rank must call);
+    with `num_classes`, also the confusion matrix of the same predictions ("confusion")."""
     sums = torch.zeros(3, dtype=torch.float64)  # correct, count, loss sum
+    confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.int64)
     for images, labels, mask in batches:
         logits = forward(images.to(device=device, dtype=dtype)).float().cpu()
         losses = F.cross_entropy(logits, labels, reduction="none")
         sums[0] += ((logits.argmax(-1) == labels) & mask).sum()
         sums[1] += mask.sum()
         sums[2] += losses[mask].sum()
+        if num_classes:
+            confusion += confusion_counts(logits.argmax(-1), labels, mask, num_classes)
     if dist.is_initialized():
         dist.all_reduce(sums)
+        if num_classes:
+            dist.all_reduce(confusion)
     correct, count, loss = sums.tolist()
-    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": int(count)}
+    out = {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": int(count)}
+    if num_classes:
+        out["confusion"] = confusion
+    return out
 
 
 # --------------------------------------------------------------------------- engine
@@ -359,11 +372,12 @@ class Trainer:
                 raise RuntimeError(f"{self.ckpt_root / tag}: checkpoint has no EMA state but ema_decay is set; "
                                    f"resume=never starts over")
             self.ema.load_state_dict(client["ema"])
-        if self.rank == 0:  # forget losses logged after the checkpoint: those steps run again
-            losses = self.out_dir / LOSSES_FILE
-            if losses.is_file():
-                kept = [line for line in losses.read_text().splitlines() if json.loads(line)["step"] <= step]
-                losses.write_text("".join(line + "\n" for line in kept))
+        if self.rank == 0:  # forget losses and metrics logged after the checkpoint: those steps run again
+            for name in (LOSSES_FILE, METRICS_FILE):
+                path = self.out_dir / name
+                if path.is_file():
+                    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                    path.write_text("".join(line + "\n" for line in kept))
         if info.get("resharded"):
             # Another rank count: the data plan of the interrupted epoch does not exist on this one.
             # Continue with the next epoch (the rest of that epoch is skipped, never repeated) and
@@ -472,8 +486,7 @@ class Trainer:
                 engine.eval()
                 ev = evaluate(engine, self.val_batches(), self.device, dtype)
                 engine.train()
-                self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"],
-                                          **self.evaluate_ema()}, step=step)
+                self.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **self.evaluate_ema()}, step)
             stop = self.stop_requested(step)
             if (t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps) or stop:
                 tag = self.save(engine, step, stream, mix_rng)
@@ -502,6 +515,24 @@ class Trainer:
             return "stop_after"
         return None
 
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """To the tracker, and (rank 0) to metrics.jsonl, which the training plot is drawn from."""
+        self.tracker.log_metrics(metrics, step=step)
+        if self.rank == 0:
+            with open(self.out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def write_plots(self, confusion: torch.Tensor, step: int) -> None:
+        """Rank 0: the held-out confusion matrix (JSON and PNG) and the training curves, logged to the run."""
+        stage, m = self.job.stage, self.manifest
+        write_confusion(self.out_dir, confusion, m.class_names, "val", step)
+        curves = plot_training(read_history(self.out_dir / METRICS_FILE), self.out_dir / TRAINING_PLOT,
+                               f"{stage}: {self.world} rank(s), {self.t.image_size} px, {self.t.steps} steps")
+        matrix = plot_confusion(confusion.tolist(), m.class_names, self.out_dir / CONFUSION_PLOT,
+                                f"{stage}: val split after step {step}")
+        for path in (self.out_dir / "confusion.json", curves, matrix):
+            self.tracker.log_artifact(path, "plots")
+
     def log_window(self, engine, step, window, window_steps, window_start, global_batch, flops_img, peak, stream):
         elapsed = time.perf_counter() - window_start
         ips = global_batch * window_steps / elapsed
@@ -517,7 +548,7 @@ class Trainer:
         }
         if self.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.tracker.log_metrics(metrics, step=step)
+        self.log_metrics(metrics, step)
         self.log(f"step {step}/{self.t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                  f"{ips:.1f} img/s mfu {metrics['mfu']:.2f}")
         self.result.update(train_loss=metrics["loss"], images_per_s=ips, mfu=metrics["mfu"])
@@ -527,9 +558,9 @@ class Trainer:
     def finish(self, engine, stream, mix_rng, dtype, global_batch) -> dict | None:
         t, job = self.t, self.job
         engine.eval()
-        ev = evaluate(engine, self.val_batches(), self.device, dtype)
+        ev = evaluate(engine, self.val_batches(), self.device, dtype, num_classes=self.manifest.num_classes)
         ema = self.evaluate_ema()
-        self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **ema}, step=t.steps)
+        self.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **ema}, t.steps)
         self.result.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"], val_count=ev["count"],
                            steps=t.steps, image_size=t.image_size, global_batch=global_batch, **ema)
         written = "ema" if t.ema_weights else "raw"
@@ -546,6 +577,7 @@ class Trainer:
                                 stage=job.stage, steps=t.steps, val_accuracy=accuracy, weights_written=written,
                                 **job.extra_meta)
             save_weights_pair(self.out_dir, state, meta)
+            self.write_plots(ev["confusion"], t.steps)
             write_json(self.out_dir / RESULT_FILE, self.result)
         dist.barrier()
         return self.result if self.rank == 0 else None
