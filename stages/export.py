@@ -31,6 +31,7 @@ from pipeline.export.variants import (graph_summary, labelled_images, measure_va
                                       preprocessing_metadata, write_variants)
 from pipeline.model.weights import check_model_classes, model_from_pair
 from pipeline.plots import VARIANTS_PLOT, plot_variant_accuracy
+from pipeline.progress import Progress
 from pipeline.track import NullTracker, Tracker
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input
@@ -113,6 +114,7 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     ref = torch_logits(model, images)  # PyTorch fp32: the reference every variant is checked against
     n_parity = min(export.parity_images, len(images))
     variants: dict[str, dict] = {}
+    progress = Progress("[export] checking variants", len(paths), "variants")
     for variant, path in paths.items():
         parity, accuracy, session = measure_variant(path, ref, images, labels, n_parity, PARITY_PROVIDERS)
         acc, torch_acc, drop = accuracy["top1"], accuracy["torch_fp32_top1"], accuracy["drop_points"]
@@ -125,10 +127,12 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
             entry["resolutions"] = _check_resolutions(variant, session, weights, images[:n_parity], model.patch_size,
                                                       (h, w), export, path)
         variants[variant] = entry
+        progress.update()
         print(f"[export] {variant:<12} {path.name}: max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement "
               f"{parity['top1_agreement']:.4f}, held-out top-1 {acc:.4f} (PyTorch {torch_acc:.4f}), "
               f"fusions {entry['fusions'] or 'none'}")
 
+    progress.close()
     first = next(iter(variants))
     main = "fp32" if "fp32" in variants else first
     info = {

@@ -87,6 +87,10 @@ def test_training_stages_plot_their_curves_and_confusion_matrix_into_their_run(r
     evals = [r["step"] for r in history if "val_accuracy" in r]
     assert evals == ([2, 4, 6] if stage == "pretrain" else [steps])
 
+    # Training progress: plain lines (the ranks write to a pipe), from rank 0 only.
+    log = (folder / "train.log").read_text()
+    assert log.count(f"[{stage}] progress done: {steps}/{steps} steps (100%)") == 1, log[-2000:]
+
 
 def test_export_plots_each_variants_accuracy_into_its_run(runs):
     _png(runs["work"] / "export" / VARIANTS_PLOT)

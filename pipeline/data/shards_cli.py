@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, is_url, load_manifest
+from pipeline.progress import Progress
 
 
 @dataclass
@@ -192,7 +193,12 @@ def scan_shard(manifest: Manifest, record: dict, check_hash: bool = True, decode
 
 def scan_dataset(manifest: Manifest, check_hash: bool = True, decode: bool = True) -> dict[str, list[ShardScan]]:
     """`scan_shard` for every shard of every split, plus a check that keys are unique across the dataset."""
-    scans = {split: [scan_shard(manifest, r, check_hash, decode) for r in manifest.shards(split)] for split in manifest.splits}
+    scans: dict[str, list[ShardScan]] = {split: [] for split in manifest.splits}
+    with Progress("[verify] shards", sum(len(manifest.shards(s)) for s in scans), "shards") as progress:
+        for split, shard_scans in scans.items():
+            for record in manifest.shards(split):
+                shard_scans.append(scan_shard(manifest, record, check_hash, decode))
+                progress.update()
     seen: dict[str, str] = {}
     for shard_scans in scans.values():
         for scan in shard_scans:

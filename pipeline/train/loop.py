@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,7 @@ from pipeline.eval.confusion import confusion_counts, write_confusion
 from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
 from pipeline.plots import CONFUSION_PLOT, TRAINING_PLOT, plot_confusion, plot_training, read_history
+from pipeline.progress import Progress
 from pipeline.track import tracker_for_rank
 from pipeline.train import checkpoints
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
@@ -451,6 +453,9 @@ class Trainer:
         window = torch.zeros(1, dtype=torch.float64)
         window_steps, window_start = 0, time.perf_counter()
         engine.train()
+        # rank 0's stdout goes through the launcher, which shows "[stage]" lines: plain lines, bounded rate
+        progress = Progress(f"[{job.stage}] progress", t.steps, "steps", initial=start_step, stream=sys.stdout,
+                            enabled=self.rank == 0)
         for step in range(start_step + 1, t.steps + 1):
             step_loss = 0.0
             corrupt: dict[str, int] = {}
@@ -476,6 +481,7 @@ class Trainer:
                     f.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
             window += mean_loss
             window_steps += 1
+            progress.update()
             if corrupt:
                 self.tracker.log_metrics({f"corrupt_images/{k.replace('/', '_')}": v for k, v in corrupt.items()}, step)
             if step % max(t.log_every, 1) == 0 or step == t.steps:
@@ -496,6 +502,7 @@ class Trainer:
                     if self.rank == 0:
                         write_json(self.out_dir / PREEMPTED_FILE, {"step": step, "tag": tag, "reason": stop})
                     raise Preempted()
+        progress.close()
         return self.finish(engine, stream, mix_rng, dtype, global_batch)
 
     def evaluate_ema(self) -> dict:
