@@ -39,7 +39,7 @@ from pipeline.data.augment import TrainTransform, mix_batch
 from pipeline.data.loader import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
-from pipeline.eval.confusion import confusion_counts, write_confusion
+from pipeline.eval.confusion import MAX_CONFUSION_CLASSES, confusion_counts, write_confusion
 from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
 from pipeline.plots import CONFUSION_PLOT, TRAINING_PLOT, plot_confusion, plot_training, read_history
@@ -529,15 +529,19 @@ class Trainer:
             with open(self.out_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def write_plots(self, confusion: torch.Tensor, step: int) -> None:
-        """Rank 0: the held-out confusion matrix (JSON and PNG) and the training curves, logged to the run."""
+    def write_plots(self, confusion: torch.Tensor | None, step: int) -> None:
+        """Rank 0: the training curves and the held-out confusion matrix (JSON and PNG; None when
+        there are too many classes for one), logged to the run."""
         stage, m = self.job.stage, self.manifest
-        write_confusion(self.out_dir, confusion, m.class_names, "val", step)
-        curves = plot_training(read_history(self.out_dir / METRICS_FILE), self.out_dir / TRAINING_PLOT,
-                               f"{stage}: {self.world} rank(s), {self.t.image_size} px, {self.t.steps} steps")
-        matrix = plot_confusion(confusion.tolist(), m.class_names, self.out_dir / CONFUSION_PLOT,
-                                f"{stage}: val split after step {step}")
-        for path in (self.out_dir / "confusion.json", curves, matrix):
+        files = [plot_training(read_history(self.out_dir / METRICS_FILE), self.out_dir / TRAINING_PLOT,
+                               f"{stage}: {self.world} rank(s), {self.t.image_size} px, {self.t.steps} steps")]
+        if confusion is not None:
+            files.append(write_confusion(self.out_dir, confusion, m.class_names, "val", step))
+            files.append(plot_confusion(confusion.tolist(), m.class_names, self.out_dir / CONFUSION_PLOT,
+                                        f"{stage}: val split after step {step}"))
+        else:
+            self.log(f"no confusion matrix: {m.num_classes} classes (more than {MAX_CONFUSION_CLASSES})")
+        for path in files:
             self.tracker.log_artifact(path, "plots")
 
     def log_window(self, engine, step, window, window_steps, window_start, global_batch, flops_img, peak, stream):
@@ -565,7 +569,9 @@ class Trainer:
     def finish(self, engine, stream, mix_rng, dtype, global_batch) -> dict | None:
         t, job = self.t, self.job
         engine.eval()
-        ev = evaluate(engine, self.val_batches(), self.device, dtype, num_classes=self.manifest.num_classes)
+        classes = self.manifest.num_classes
+        ev = evaluate(engine, self.val_batches(), self.device, dtype,
+                      num_classes=classes if classes <= MAX_CONFUSION_CLASSES else None)
         ema = self.evaluate_ema()
         self.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **ema}, t.steps)
         self.result.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"], val_count=ev["count"],
@@ -584,7 +590,7 @@ class Trainer:
                                 stage=job.stage, steps=t.steps, val_accuracy=accuracy, weights_written=written,
                                 **job.extra_meta)
             save_weights_pair(self.out_dir, state, meta)
-            self.write_plots(ev["confusion"], t.steps)
+            self.write_plots(ev.get("confusion"), t.steps)
             write_json(self.out_dir / RESULT_FILE, self.result)
         dist.barrier()
         return self.result if self.rank == 0 else None
