@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.bench_tracking import bench_tracking, format_table
+from tools.bench_tracking import bench_tracking, bench_tracking_table
 
 pytestmark = pytest.mark.slow
 
@@ -20,5 +20,5 @@ def test_bench_reports_step_times_and_where_the_cpu_went():
     assert result["server_nice"] == 19
     # 80 steps x 7 metrics were delivered: the sender thread spent real CPU on it, and so did the server
     assert 0 < result["sender_cpu_s_on"] < 30 and result["server_cpu_s"] > 0
-    table = format_table(result)
+    table = bench_tracking_table(result)
     assert "sender thread CPU" in table and "(nice 19)" in table

@@ -14,7 +14,8 @@ from PIL import Image
 from pipeline.config import TrackingConfig, load_config
 from pipeline.data.manifest import load_manifest
 from pipeline.eval.confusion import accuracy_of
-from pipeline.plots import CONFUSION_PLOT, TRAINING_PLOT, VARIANTS_PLOT, plot_confusion, plot_training
+from pipeline.eval.plots import plot_confusion, plot_training
+from pipeline.run_layout import CONFUSION_PLOT, TRAINING_PLOT, VARIANTS_PLOT
 from pipeline.track import MLflowTracker, start_tracker
 from stages import export, finetune, prepare, pretrain
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import write_json
+from pipeline.run_layout import CONFUSION_FILE
 
-CONFUSION_FILE = "confusion.json"
 # Above this many classes the matrix is not built: 1000 classes are 8 MB summed across ranks and
 # a 4 MB JSON; ImageNet-21k's would be 3.8 GB.
 MAX_CONFUSION_CLASSES = 1000

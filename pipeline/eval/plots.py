@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 
 from pipeline.atomic import write_bytes
 
-TRAINING_PLOT, CONFUSION_PLOT, VARIANTS_PLOT = "training_curves.png", "confusion.png", "variant_accuracy.png"
 # Class names are written in the cells' axes up to this many classes; above it, only indices.
 _NAMED_CLASSES = 30
 
