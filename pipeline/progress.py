@@ -84,6 +84,16 @@ class Progress:
         if now - self._last_shown >= self.interval:
             self._show(now)
 
+    def clear(self) -> None:
+        """Erase a terminal bar's line, so a line printed next starts clean (the next update redraws
+        the bar under it); nothing in plain mode."""
+        if self.enabled and self.tty and not self._closed:
+            try:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.enabled = False
+
     def close(self) -> None:
         """Show the final state (a bar ends its line); later updates show nothing."""
         if self._closed:

@@ -128,10 +128,11 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
             entry["resolutions"] = _check_resolutions(variant, session, weights, images[:n_parity], model.patch_size,
                                                       (h, w), export, path)
         variants[variant] = entry
-        progress.update()
+        progress.clear()  # the variant's line, then the bar under it
         print(f"[export] {variant:<12} {path.name}: max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement "
               f"{parity['top1_agreement']:.4f}, held-out top-1 {acc:.4f} (PyTorch {torch_acc:.4f}), "
-              f"fusions {entry['fusions'] or 'none'}")
+              f"fusions {entry['fusions'] or 'none'}", flush=True)
+        progress.update()
 
     progress.close()
     first = next(iter(variants))

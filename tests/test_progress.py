@@ -69,6 +69,21 @@ def test_a_terminal_gets_one_bar_redrawn_in_place_with_rate_and_eta():
     assert "\x1b[K" in out  # each redraw clears the rest of the previous one
 
 
+def test_a_line_printed_between_updates_does_not_land_on_the_bar():
+    code = """
+import sys
+from pipeline.progress import Progress
+with Progress("[work] items", 2, "items", stream=sys.stdout, interval=0) as p:
+    p.update()
+    p.clear()
+    print("a result line", flush=True)
+    p.update()
+"""
+    out = _run_on_pty(code, _env())
+    assert "\r\x1b[Ka result line\r\n" in out, repr(out)
+    assert out.rstrip("\r\n").split("\r")[-1].startswith("[work] items |")
+
+
 def test_a_pipe_gets_plain_lines_at_a_bounded_rate():
     done = subprocess.run([sys.executable, "-c", WORK], capture_output=True, text=True, timeout=60,
                           env=_env(VITPIPE_PROGRESS_INTERVAL="0.25"))
