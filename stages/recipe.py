@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.atomic import write_json
-from pipeline.config import PipelineConfig, to_dict
+from pipeline.config import STAGES, PipelineConfig, to_dict
 from pipeline.folder_lock import FolderLock
 from pipeline.track import NullTracker, Tracker, start_tracker
 from pipeline.train.stage_runner import TrainingPreempted
@@ -20,7 +20,7 @@ from stages import benchmark, export, finetune, prepare, pretrain
 
 def stage_dirs(workdir: Path) -> dict[str, Path]:
     """Where each stage of a run writes."""
-    return {s: workdir / s for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
+    return {s: workdir / s for s in STAGES}
 
 
 def dataset_manifest(cfg: PipelineConfig, workdir: Path) -> str | Path:
@@ -52,6 +52,9 @@ def _run_stage(name: str, cfg: PipelineConfig, workdir: Path, d: dict[str, Path]
     if name == "finetune":
         init = cfg.finetune.init_from or d["pretrain"] / "model.safetensors"
         return finetune.run(cfg.finetune, manifest, init, d["finetune"], tracker, force, model=cfg.model)
+    if name == "hybrid":  # a second recipe's hybrid-vs-plain comparison (stages/compare_hybrid.py)
+        from stages import compare_hybrid
+        return compare_hybrid.run_stage(cfg.hybrid, cfg.data, manifest, d["hybrid"], tracker, force)
     weights = d["finetune"] / "model.safetensors"
     if not weights.exists() and (d["pretrain"] / "model.safetensors").exists():
         weights = d["pretrain"] / "model.safetensors"  # a recipe without the finetune stage
@@ -115,6 +118,9 @@ def summary_table(summary: dict) -> str:
         lines.append(f"onnxruntime providers used: {', '.join(bench.get('providers', []))}")
         if bench.get("registered"):
             lines.append(f"registered: {bench['registered']['model_uri']}")
+    if summary.get("hybrid"):
+        from stages.compare_hybrid import format_table
+        lines += ["", format_table(summary["hybrid"])]
     return "\n".join(lines)
 
 
