@@ -566,7 +566,9 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     bases = raw.pop("base", []) or []
     hybrid = raw.get("hybrid")
     if isinstance(hybrid, dict) and isinstance(hybrid.get("recipe"), str):
-        hybrid["recipe"] = str(path.parent / hybrid["recipe"])  # relative to this file, like base:
+        # Relative to this file, like base:, and made absolute so that a run's written config.yaml
+        # (elsewhere) still names the same file.
+        hybrid["recipe"] = str((path.parent / hybrid["recipe"]).resolve())
     if isinstance(bases, str):
         bases = [bases]
     merged: dict = {}
@@ -603,6 +605,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(PipelineConfig, raw)
+    if cfg.hybrid.recipe:  # an override's relative path is relative to the current directory
+        cfg.hybrid.recipe = str(Path(cfg.hybrid.recipe).resolve())
     validate(cfg)
     return cfg
 

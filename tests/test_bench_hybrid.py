@@ -78,6 +78,25 @@ def test_demo_runs_the_hybrid_comparison_as_its_last_stage():
     assert "hybrid" not in load_config(TINY_HYBRID).stages and "hybrid" not in other.stages
 
 
+def test_hybrid_recipe_path_survives_a_written_config(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.config import to_dict
+
+    monkeypatch.chdir(ROOT)  # relative to the recipe file, as `make demo` names it
+    cfg = load_config("configs/pipeline/demo.yaml")
+    assert cfg.hybrid.recipe == str(ROOT / "configs" / "pipeline" / "demo-hybrid.yaml")
+    written = tmp_path / "elsewhere" / "config.yaml"  # as `vitpipe run` writes <run>/config.yaml
+    written.parent.mkdir()
+    written.write_text(yaml.safe_dump(to_dict(cfg)))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(written).hybrid == cfg.hybrid
+    # On the command line, relative to the current directory.
+    (tmp_path / "h.yaml").write_text((ROOT / "configs" / "pipeline" / "demo-hybrid.yaml").read_text()
+                                     .replace("base: demo.yaml", f"base: {ROOT / 'configs' / 'pipeline' / 'demo.yaml'}"))
+    assert load_config(written, ["hybrid.recipe=h.yaml"]).hybrid.recipe == str(tmp_path / "h.yaml")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["hybrid.recipe=null"], "hybrid.recipe: the hybrid stage needs a hybrid recipe"),
     (["hybrid.recipe=/nonexistent/h.yaml"], "/nonexistent/h.yaml: config file not found"),
