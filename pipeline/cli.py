@@ -113,16 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load the recipe with its base files and overrides, validate it and print it as YAML.")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    from pipeline.launch.submit_cli import add_submit_parsers
+    from tools.submit_cli import add_submit_parsers
 
     add_submit_parsers(sub)
-    from pipeline.data.bench_prepare import add_bench_prepare_parser
-    from pipeline.data.shards_cli import add_bench_data_parser, add_shards_parser
-    from pipeline.export.bench_export import add_bench_export_parser
-    from pipeline.train.bench import add_bench_train_parser
+    from tools.bench_export import add_bench_export_parser
+    from tools.bench_prepare import add_bench_prepare_parser
+    from tools.bench_train import add_bench_train_parser
+    from tools.shards import add_bench_data_parser, add_shards_parser
 
     add_shards_parser(sub)
-    from pipeline.eval.fewshot_cli import add_eval_parser
+    from tools.fewshot_cli import add_eval_parser
 
     add_eval_parser(sub)
     from pipeline.export.predict import add_predict_parser
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_prepare_parser(bench_sub)
     add_bench_train_parser(bench_sub)
     add_bench_export_parser(bench_sub)
-    from pipeline.bench_tracking import add_bench_tracking_parser
+    from tools.bench_tracking import add_bench_tracking_parser
 
     add_bench_tracking_parser(bench_sub)
     from stages.study import add_study_parser
@@ -158,16 +158,16 @@ def dispatch(args: argparse.Namespace) -> int:
     import yaml
 
     from pipeline.config import load_config, to_dict
-    from pipeline.launch.submit_cli import dispatch_submit
+    from tools.submit_cli import dispatch_submit
 
     if (code := dispatch_submit(args)) is not None:  # submit, status, logs
         return code
     if args.command == "bench" and args.bench_command == "train":
-        from pipeline.train.bench import run_bench_train
+        from tools.bench_train import run_bench_train
 
         return run_bench_train(args)
     if args.command == "bench" and args.bench_command == "export":
-        from pipeline.export.bench_export import run_bench_export
+        from tools.bench_export import run_bench_export
 
         return run_bench_export(args)
     if args.command == "bench" and args.bench_command == "hybrid":
@@ -175,11 +175,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_bench_hybrid(args)
     if args.command == "bench" and args.bench_command == "tracking":
-        from pipeline.bench_tracking import run_bench_tracking
+        from tools.bench_tracking import run_bench_tracking
 
         return run_bench_tracking(args)
     if args.command == "bench" and args.bench_command == "prepare":
-        from pipeline.data.bench_prepare import run_bench_prepare
+        from tools.bench_prepare import run_bench_prepare
 
         return run_bench_prepare(args)
     if args.command == "import-weights":
@@ -196,7 +196,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_predict(args)
     if args.command in ("shards", "bench"):  # these take a manifest, not a recipe
-        from pipeline.data.shards_cli import run_bench_data, run_shards
+        from tools.shards import run_bench_data, run_shards
 
         return run_shards(args) if args.command == "shards" else run_bench_data(args)
     cfg = load_config(args.recipe, args.overrides)
@@ -214,46 +214,22 @@ def dispatch(args: argparse.Namespace) -> int:
         recipe.run(cfg, workdir, force=args.force)
         return 0
 
-    from pipeline.train.stage_runner import TrainingPreempted
-    from stages import benchmark, export, finetune, prepare, pretrain
+    from pipeline.folder_lock import FolderLock
+    from stages.recipe import dataset_manifest, run_stage, stage_output
+    from stages.training import tracked_run
 
-    from stages.recipe import dataset_manifest, registered_model_name, stage_dirs
-
-    dirs = stage_dirs(workdir)
     if args.command == "eval":  # `vitpipe eval fewshot`: reads a weights pair, trains nothing
-        from pipeline.eval.fewshot_cli import run_eval_fewshot
+        from tools.fewshot_cli import run_eval_fewshot
 
         return run_eval_fewshot(args, cfg, workdir, args.manifest or dataset_manifest(cfg, workdir))
-    out = args.out or dirs[args.command]
-    manifest = getattr(args, "manifest", None) or dataset_manifest(cfg, workdir)
-    weights = getattr(args, "weights", None) or dirs["finetune"] / "model.safetensors"
-    from pipeline.folder_lock import FolderLock
-
-    stage_lock = FolderLock(out, f"vitpipe {args.command}")
-    stage_lock.acquire()  # before any work: a second writer of this folder refuses at once
-    tracker = _tracker(cfg, args.command)
-    status = "FAILED"
-    try:
-        if args.command == "prepare":
-            result = prepare.run(cfg.data, out, tracker, args.force)
-        elif args.command == "pretrain":
-            result = pretrain.run(cfg.model, cfg.pretrain, manifest, out, tracker, args.force)
-        elif args.command == "finetune":
-            init = args.init or cfg.finetune.init_from or dirs["pretrain"] / "model.safetensors"
-            result = finetune.run(cfg.finetune, manifest, init, out, tracker, args.force, model=cfg.model)
-        elif args.command == "export":
-            result = export.run(cfg.export, weights, manifest, out, tracker, args.force)
-        else:
-            onnx_path = args.onnx or dirs["export"] / "model.onnx"
-            result = benchmark.run(cfg.benchmark, onnx_path, weights, out, tracker, args.force,
-                                   registered_model=registered_model_name(cfg))
-        status = "FINISHED"
-    except TrainingPreempted:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
-        stage_lock.release()
+    # The same path as `vitpipe run`: every input not given on the command line comes from the run
+    # folder's standard places (stages.recipe.run_stage), and the stage's folder is locked first.
+    out = stage_output(args.command, workdir, args.out)
+    # Locked before the tracked run starts: a second writer refuses at once and leaves no run behind.
+    with FolderLock(out, f"vitpipe {args.command}"), tracked_run(_tracker(cfg, args.command)) as tracker:
+        result = run_stage(args.command, cfg, workdir, tracker, args.force, out=out, locked=True,
+                           manifest=getattr(args, "manifest", None), init=getattr(args, "init", None),
+                           weights=getattr(args, "weights", None), onnx=getattr(args, "onnx", None))
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -273,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     from pipeline.config import ConfigError
-    from pipeline.data.manifest import DataError
+    from pipeline.data.errors import DataError
     from pipeline.train.preemption import REQUEUE_EXIT
-    from pipeline.train.stage_runner import TrainingPreempted
+    from stages.training import TrainingPreempted
 
     try:
         return dispatch(args)

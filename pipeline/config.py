@@ -10,125 +10,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
-from pipeline.model.variants import ROOT_STRIDES, decode_variant, natural_stem_stride
-
-STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark", "hybrid")
-# What `vitpipe run` does unless the recipe lists its stages: "hybrid" (a second recipe's
-# hybrid-vs-plain comparison, e.g. the demo's claim 3) runs only where a recipe asks for it.
-DEFAULT_STAGES = STAGES[:5]
-
-
-class ConfigError(ValueError):
-    """A config value or file that cannot be used; the message names the key or file."""
-
+# The architecture's schema lives with the model, the typed coercion in pipeline.schema; both are
+# re-exported, so `from pipeline.config import ModelConfig, ConfigError` works above the model.
+from pipeline.model.config import (FINETUNE_MODEL_FIELDS, ModelConfig, finetune_model_config,  # noqa: F401
+                                   validate_model, validate_stem)
+from pipeline.run_layout import DEFAULT_STAGES, STAGES
+from pipeline.schema import ConfigError, _coerce, _suggest, from_dict  # noqa: F401
 
 # --------------------------------------------------------------------------- schema
-
-
-@dataclass
-class ModelConfig:
-    """Vision Transformer architecture (the paper's ViT, optionally with a ResNet stem)."""
-
-    variant: Optional[str] = None
-    """Preset name such as vit-b16 or vit-ti4; fills width/depth/mlp_dim/heads/patch_size left unset."""
-    patch_size: int = 16
-    """P: square patch side in pixels (ignored by the hybrid, which uses patches of 1 on the stem's map)."""
-    width: int = 192
-    """D: token width."""
-    depth: int = 12
-    """L: number of encoder blocks."""
-    heads: int = 3
-    """Attention heads; must divide width."""
-    mlp_dim: int = 768
-    """Hidden size of each block's MLP."""
-    in_channels: int = 3
-    """Image channels the model takes: 1 (grayscale) or 3 (RGB). Images are converted to this."""
-    hybrid: bool = False
-    """Feed the Transformer a BiT ResNet stem's feature map, cut into 1x1 patches (the paper's hybrid)."""
-    stem_root: Literal["bit", "small"] = "bit"
-    """Hybrid only: bit = 7x7 stride-2 conv + max pool (stride 4, ImageNet-size inputs); small = one 3x3 stride-1 conv (images of tens of pixels)."""
-    stem_stages: list[int] = field(default_factory=lambda: [3, 4, 9])
-    """Hybrid only: bottleneck blocks per stage; [3, 4, 9] is the paper's R50 with stage 4 folded into stage 3."""
-    stem_width: int = 64
-    """Hybrid only: root channels and stage-1 bottleneck width (stage i: width * 2^i, output 4x that); 64 is R50x1."""
-    stem_stride: Optional[int] = None
-    """Hybrid only: total stride, which plays P's role; null = root stride x 2 per stage after the first; smaller values dilate the last stages."""
-    dropout: float = 0.0
-    """Dropout after the position embeddings and inside MLPs."""
-    drop_path: float = 0.0
-    """Stochastic depth rate of the last block (linearly increasing from 0)."""
-    pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
-    """Mode used whenever position embeddings are resampled to another grid; stored with the model."""
-    class_token: bool = True
-    """Prepend a learned [class] token (the paper's); false for timm/big_vision checkpoints pooled by averaging."""
-    global_pool: Literal["token", "avg"] = "token"
-    """What the head sees: the [class] token's output, or the mean of the patch tokens (needs no class token)."""
-    fc_norm: bool = False
-    """Apply the final LayerNorm after pooling instead of to every token (timm's fc_norm, e.g. MAE fine-tunes)."""
-    norm_eps: float = 1e-6
-    """LayerNorm epsilon: 1e-6 in the paper's code and timm; Hugging Face ViT checkpoints use 1e-12."""
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    """Per-channel normalization mean (pixels scaled to [0, 1] first); one value per channel."""
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    """Per-channel normalization std; one value per channel."""
-
-    @property
-    def effective_patch(self) -> int:
-        """Pixels per token side: P for plain ViT, the stem's total stride for the hybrid."""
-        if not self.hybrid:
-            return self.patch_size
-        if self.stem_stride is not None:
-            return self.stem_stride
-        return natural_stem_stride(self.stem_root, len(self.stem_stages))
-
-    @property
-    def given_fields(self) -> frozenset[str]:
-        """The fields a recipe set (in its file, base files, variant or overrides); for a config
-        built in code, the fields that differ from the defaults."""
-        given = self.__dict__.get("_given")  # recorded by from_dict; lost by dataclasses.replace
-        if given is not None:
-            return given
-        default = ModelConfig()
-        return frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name))
-
-
-# ModelConfig fields a fine-tune may set without changing the architecture the weights were trained
-# with; every other field is the weights' own.
-FINETUNE_MODEL_FIELDS = ("dropout", "drop_path", "pos_embed_interp")
-
-
-def finetune_model_config(weights: ModelConfig, recipe: ModelConfig, source: str) -> ModelConfig:
-    """The model a fine-tune builds: `weights`' architecture with the FINETUNE_MODEL_FIELDS the
-    recipe sets. Any other model.* field the recipe sets must agree with the weights (`source`
-    names them in the error): fine-tuning cannot change the architecture it starts from."""
-    given = recipe.given_fields
-    for f in dataclasses.fields(ModelConfig):
-        name = f.name
-        if name == "variant" or name in FINETUNE_MODEL_FIELDS or name not in given:
-            continue  # a variant is only a name for its fields, which are compared one by one
-        if name.startswith("stem_") and not weights.hybrid and not recipe.hybrid:
-            continue  # no stem on either side: its settings mean nothing
-        if name == "patch_size" and weights.hybrid and recipe.hybrid:
-            continue  # the hybrid's tokens are the stem's pixels
-        mine, theirs = getattr(recipe, name), getattr(weights, name)
-        if mine != theirs:
-            raise ConfigError(
-                f"model.{name}: the recipe sets {mine!r} but the weights {source} have {theirs!r}; fine-tuning "
-                f"keeps the architecture of its weights: remove model.{name} from the recipe or set "
-                f"model.{name}={theirs!r} (only model.{', model.'.join(FINETUNE_MODEL_FIELDS)} may differ)")
-    settings = {name: getattr(recipe, name) for name in FINETUNE_MODEL_FIELDS if name in given}
-    return dataclasses.replace(weights, **settings)
 
 
 @dataclass
@@ -437,104 +333,6 @@ class PipelineConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _suggest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"did you mean '{near[0]}'? " if near else ""
-    return f"{hint}valid keys: {', '.join(valid)}"
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    return getattr(hint, "__name__", str(hint))
-
-
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the type `hint`; return it (ints accepted where floats are expected)."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
-        return from_dict(hint, value, prefix=key + ".")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            value = float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string; users mean a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # YAML's .nan/.inf: no setting means them, and NaN fails only in training
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}; write a number such as 1e-3")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} at {key}")  # a schema bug, not user input
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a plain dict; unknown keys and wrong types are `ConfigError`s."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if cls is ModelConfig and data.get("variant"):
-        data = _expand_variant(data, prefix)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; {_suggest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    obj = cls(**kwargs)
-    if cls is ModelConfig:
-        obj.__dict__["_given"] = frozenset(kwargs)  # what fine-tuning may compare (ModelConfig.given_fields)
-    return obj
-
-
-def _expand_variant(data: dict, prefix: str) -> dict:
-    try:
-        table = decode_variant(str(data["variant"]))
-    except ValueError as e:
-        raise ConfigError(f"{prefix}variant: {e}") from None
-    return {**table, **data}
-
-
 def to_dict(cfg: Any) -> dict:
     """The resolved config as plain data (what gets logged and saved)."""
     return dataclasses.asdict(cfg)
@@ -614,57 +412,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # --------------------------------------------------------------------------- validation
 
 
-def validate_model(m: ModelConfig, prefix: str = "model.") -> None:
-    """Cross-field checks of the architecture."""
-    for name in ("patch_size", "width", "depth", "heads", "mlp_dim", "stem_width"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"{prefix}{name}: must be >= 1, got {getattr(m, name)}")
-    if m.width % m.heads:
-        divisors = [h for h in range(1, min(m.width, 64) + 1) if m.width % h == 0]
-        raise ConfigError(
-            f"{prefix}heads: width {m.width} is not divisible by heads {m.heads}; "
-            f"use a head count that divides it, e.g. {divisors[-4:]}"
-        )
-    if m.in_channels not in (1, 3):
-        raise ConfigError(f"{prefix}in_channels: must be 1 or 3, got {m.in_channels}")
-    for name in ("mean", "std"):
-        vals = getattr(m, name)
-        # One value broadcasts; an all-equal RGB-style default also serves a grayscale model.
-        if not (len(vals) in (1, m.in_channels) or (m.in_channels == 1 and len(set(vals)) == 1)):
-            raise ConfigError(f"{prefix}{name}: needs 1 or {m.in_channels} value(s) for in_channels={m.in_channels}, got {vals}")
-    if any(s <= 0 for s in m.std):
-        raise ConfigError(f"{prefix}std: every value must be > 0, got {m.std}")
-    if m.hybrid:
-        validate_stem(m, prefix)
-    if not 0.0 <= m.drop_path < 1.0 or not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"{prefix}dropout/drop_path: must be in [0, 1)")
-    if m.global_pool == "token" and not m.class_token:
-        raise ConfigError(f"{prefix}global_pool: 'token' needs class_token=true; set {prefix}global_pool=avg "
-                          f"or {prefix}class_token=true")
-    if not 0.0 < m.norm_eps < 1e-2:
-        raise ConfigError(f"{prefix}norm_eps: must be in (0, 0.01), got {m.norm_eps}; "
-                          "the usual values are 1e-6 or 1e-12")
-
-
-def validate_stem(m: ModelConfig, prefix: str = "model.") -> None:
-    """The hybrid's ResNet stem: stage list, and a total stride the stages can reach."""
-    if not m.stem_stages or any(b < 1 for b in m.stem_stages):
-        raise ConfigError(f"{prefix}stem_stages: need one or more stages of >= 1 block each, "
-                          f"e.g. [3, 4, 9] (R50, stride 16) or [1, 1] (small root, stride 2); got {m.stem_stages}")
-    if m.stem_stride is None:
-        return
-    low, high = ROOT_STRIDES[m.stem_root], natural_stem_stride(m.stem_root, len(m.stem_stages))
-    reachable = [low * 2**i for i in range(len(m.stem_stages))]
-    if m.stem_stride not in reachable:
-        raise ConfigError(
-            f"{prefix}stem_stride: {m.stem_stride} is not reachable; with stem_root={m.stem_root} "
-            f"(stride {low}) and {len(m.stem_stages)} stage(s) it must be a power of two in {reachable} "
-            f"(null: {high}); add stages for a larger stride or use stem_root=small for a smaller one"
-        )
-
-
 def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
-    """Cross-field checks of one training stage against the model it trains."""
+    """Cross-field checks of one training stage against the model it trains (at load, once)."""
+    validate_image_size(t, model, prefix)
+    validate_train_settings(t, prefix)
+
+
+def validate_image_size(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
+    """The one check of a training stage that needs the model: its resolution must tile into patches."""
     p = model.effective_patch
     if t.image_size < 1 or t.image_size % p:
         lo, hi = (t.image_size // p) * p, (t.image_size // p + 1) * p
@@ -673,6 +428,10 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str) -> None:
             f"{prefix}image_size: {t.image_size} is not divisible by {what} {p}; "
             f"use a multiple of {p} such as {lo or hi} or {hi}"
         )
+
+
+def validate_train_settings(t: TrainConfig, prefix: str) -> None:
+    """A training stage's own settings, whatever model it trains."""
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{prefix}zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
     for name in ("steps", "micro_batch", "grad_accum", "ranks", "eval_batch"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, spec: str | None = None) -> str:
+    if spec is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
     if isinstance(value, (list, tuple)):
@@ -15,16 +17,21 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table (columns in first-seen key order); numbers right-aligned, text left-aligned."""
+def format_table(rows: list[dict], formats: dict[str, str] | None = None) -> str:
+    """A plain-text table (columns in first-seen key order); numbers right-aligned, text left-aligned.
+
+    `formats`: a format spec per column (``{"val accuracy": ".4f"}``) where a report has always
+    printed its figures to other precisions than the default (3 decimals; 1 from 1000 on)."""
+    formats = formats or {}
     if not rows:
         return "(no rows)"
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[_cell(r.get(c, ""), formats.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
+    # a column is numeric when every row that has it holds a number (a blank cell is allowed)
+    numeric = [all(isinstance(r[c], (int, float)) for r in rows if r.get(c, "") != "") for c in columns]
 
     def line(values: list[str]) -> str:
         parts = [v.rjust(wd) if num else v.ljust(wd) for v, wd, num in zip(values, widths, numeric)]

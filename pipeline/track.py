@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from pipeline.config import TrackingConfig
 
@@ -625,13 +625,6 @@ def tracker_for_rank(rank: int, tracking_uri: str | None, run_id: str | None) ->
     return MLflowTracker(MLflowTracker._client_for(tracking_uri), run_id, tracking_uri, None,
                          skip_logged_steps=True)
 
-
-
-def log_files(tracker: Tracker, paths: Iterable[str | Path]) -> None:
-    """Upload each existing file in `paths`."""
-    for p in paths:
-        if Path(p).is_file():
-            tracker.log_artifact(p)
 
 
 # --------------------------------------------------------------------------- the model registry

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.atomic import write_json
+from pipeline.atomic import move_into_place, write_json
 from pipeline.config import ExportConfig
 from pipeline.data.manifest import file_sha256, load_manifest, manifest_location
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_opset, compare_logits, onnx_logits, torch_logits
@@ -74,7 +74,7 @@ def _check_variant(variant: str, parity: dict, acc_drop: float, export: ExportCo
         problem, error = (f"held-out top-1 accuracy {acc_drop:.2f} points below PyTorch fp32 "
                           f"(export.max_accuracy_drop {export.max_accuracy_drop})"), AccuracyError
     if problem is not None:
-        path.rename(path.with_name(path.name + ".failed"))  # kept for inspection, never as a finished export
+        move_into_place(path, path.with_name(path.name + ".failed"))  # kept for inspection, never as a finished export
         raise error(f"{path}: {variant} check failed on {parity['n_images']} held-out images: {problem}")
 
 
@@ -165,7 +165,7 @@ def _check_resolutions(variant: str, session, weights: Path, images: torch.Tenso
                   "image_size": list(hw), "tolerance": tolerance}
         out.append(parity)
         if parity["max_abs_diff"] > tolerance:
-            path.rename(path.with_name(path.name + ".failed"))
+            move_into_place(path, path.with_name(path.name + ".failed"))
             raise ParityError(f"{path}: {variant} at {hw[0]}x{hw[1]} (dynamic resolution): max |dlogit| "
                               f"{parity['max_abs_diff']:.3e} > {tolerance:.1e} on {parity['n_images']} images")
     return out

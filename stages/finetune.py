@@ -14,13 +14,14 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import (FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, finetune_model_config,
-                             train_fingerprint_fields, validate_train)
+                             train_fingerprint_fields, validate_image_size)
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.model.importers import resolve_init
-from pipeline.model.weights import model_config_from_meta, model_from_pair
+from pipeline.model.weights import check_weights_pair
+from pipeline.run_layout import weights_file as pair_weights_file, weights_meta_file
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
-from pipeline.train.stage_runner import run_training_stage
+from stages.training import run_training_stage
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input
 
@@ -40,14 +41,16 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     verify_manifest(m, check_hashes=train.verify_shards == "full", train_base_url=train.shard_base_url)
     # Before fingerprinting: the stage's input is the imported pair, keyed by the source's hash.
     init_from = resolve_init(init_from, out_dir.parent / "imported")
-    _, meta = model_from_pair(init_from, image_size=train.image_size, num_classes=m.num_classes,
-                              class_names=m.class_names)
-    mcfg = model_config_from_meta(meta)
+    # Only the pair's metadata and tensor shapes: the ranks load and resample the weights, once.
+    mcfg, stored = check_weights_pair(init_from)
     if model is not None:
         mcfg = finetune_model_config(mcfg, model, str(init_from))
-    validate_train(train, mcfg, "finetune.")
+    # The recipe's finetune.* was validated at load against the recipe's model.*; this is the one
+    # check against the weights' own architecture (an imported checkpoint may have another patch).
+    validate_image_size(train, mcfg, "finetune.")
     weights = Path(init_from)
-    weights_file = weights / "model.safetensors" if weights.is_dir() else weights.with_suffix(".safetensors")
+    weights_file = pair_weights_file(weights) if weights.is_dir() else weights.with_suffix(".safetensors")
+    source_image_size = [int(s) for s in stored["image_size"]]
     cfg = {"train": dataclasses.asdict(train)}
     model_settings = {k: getattr(mcfg, k) for k in FINETUNE_MODEL_FIELDS}
     fingerprinted = {"train": train_fingerprint_fields(train), "model": model_settings}
@@ -61,18 +64,18 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     record.begin(out_dir, fp, resume=not force, stage_settings=settings, stage="finetune")
     record.mark_checkpoints(out_dir, fp, settings)
     init = str(weights_file.resolve())
-    job = TrainJob(stage="finetune", model=dataclasses.asdict(mcfg), train=cfg["train"],
+    job = TrainJob(stage="finetune", model=mcfg, train=train,
                    manifest=manifest, out_dir=str(out_dir.resolve()), init_from=init,
-                   extra_meta={"init_from": init, "init_image_size": meta["source_image_size"],
+                   extra_meta={"init_from": init, "init_image_size": source_image_size,
                                "pos_embed_init": train.pos_embed_init})
-    params = {**cfg, "model": model_settings, "init_from": init, "init_image_size": meta["source_image_size"]}
+    params = {**cfg, "model": model_settings, "init_from": init, "init_image_size": source_image_size}
     dataset = log_dataset_input(tracker, manifest, "train")
     result = run_training_stage(job, train.ranks, tracker, params)
     tracker.log_lineage(inputs={"dataset": dataset, "weights": content_sha256(weights_file)},
-                        outputs={"weights": content_sha256(out_dir / "model.safetensors")})
-    result["init_image_size"] = meta["source_image_size"]
+                        outputs={"weights": content_sha256(pair_weights_file(out_dir))})
+    result["init_image_size"] = source_image_size
     result["init_from"], result["pos_embed_init"] = init, train.pos_embed_init
-    record.finish(out_dir, "finetune", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
+    record.finish(out_dir, "finetune", fp, [pair_weights_file(out_dir), weights_meta_file(out_dir)], result)
     before = result.get("val_accuracy_before")
     before_s = f"{before:.4f}" if before is not None else "n/a (new head)"
     print(f"[finetune] val accuracy at {train.image_size}px: before fine-tuning {before_s}, "

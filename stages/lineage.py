@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipeline.data.manifest import file_sha256, is_url, load_manifest, read_url
+from pipeline.data.manifest import file_sha256, load_manifest
+from pipeline.data.storage import is_url, read_url
 from pipeline.track import Tracker
 
 

@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data.manifest import MANIFEST_NAME, prepare_dataset
+from pipeline.data.manifest import MANIFEST_NAME
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import source_identity
+from pipeline.data.storage import OutputTarget
 from pipeline.track import NullTracker, Tracker
 from stages import record
 from stages.lineage import content_sha256
@@ -43,8 +45,6 @@ def run(data: DataConfig, out_dir: str | Path, tracker: Tracker | None = None, f
     if isinstance(manifest_path, Path):
         info = json.loads(manifest_path.read_text())
     else:  # on S3: keep a local copy for tracking (its shard names do not resolve locally)
-        from pipeline.data.storage import OutputTarget
-
         info = json.loads(OutputTarget.parse(data.output).get_bytes("manifest.json"))
     splits = info["splits"]
     result = {

@@ -13,17 +13,18 @@ from pathlib import Path
 
 from pipeline.config import ModelConfig, TrainConfig, train_fingerprint_fields
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
+from pipeline.run_layout import weights_file, weights_meta_file
 from pipeline.track import NullTracker, Tracker
 from pipeline.train.loop import TrainJob
-from pipeline.train.stage_runner import run_training_stage
+from stages.training import run_training_stage
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input
 
 
 def build_job(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: str | Path) -> TrainJob:
-    """The job every rank runs, the same whether launched here or per node (pipeline.launch.entry)."""
+    """The job every rank runs, the same whether launched here or submitted (stages/submit.py)."""
     manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
-    return TrainJob(stage="pretrain", model=dataclasses.asdict(model), train=dataclasses.asdict(train),
+    return TrainJob(stage="pretrain", model=model, train=train,
                     manifest=manifest, out_dir=str(Path(out_dir).resolve()), extra_meta={"manifest": manifest})
 
 
@@ -48,7 +49,7 @@ def run(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_dir: s
     record.mark_checkpoints(out_dir, fp, settings)
     dataset = log_dataset_input(tracker, manifest, "train")
     result = run_training_stage(build_job(model, train, manifest, out_dir), train.ranks, tracker, cfg)
-    tracker.log_lineage(inputs={"dataset": dataset}, outputs={"weights": content_sha256(out_dir / "model.safetensors")})
-    record.finish(out_dir, "pretrain", fp, [out_dir / "model.safetensors", out_dir / "model.json"], result)
+    tracker.log_lineage(inputs={"dataset": dataset}, outputs={"weights": content_sha256(weights_file(out_dir))})
+    record.finish(out_dir, "pretrain", fp, [weights_file(out_dir), weights_meta_file(out_dir)], result)
     print(f"[pretrain] val accuracy {result['val_accuracy']:.4f} at {train.image_size}px -> {result['weights']}")
     return result

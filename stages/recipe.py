@@ -6,63 +6,74 @@ per stage, each with its stage.json once complete) and summary.json with the sum
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import yaml
 
 from pipeline.atomic import write_json
-from pipeline.config import STAGES, PipelineConfig, to_dict
+from pipeline.config import PipelineConfig, to_dict
 from pipeline.folder_lock import FolderLock
+from pipeline.run_layout import RunLayout
 from pipeline.track import NullTracker, Tracker, start_tracker
-from pipeline.train.stage_runner import TrainingPreempted
 from stages import benchmark, export, finetune, prepare, pretrain
+from stages.training import tracked_run
 
 
 def stage_dirs(workdir: Path) -> dict[str, Path]:
     """Where each stage of a run writes."""
-    return {s: workdir / s for s in STAGES}
+    return RunLayout(workdir).stage_dirs()
 
 
 def dataset_manifest(cfg: PipelineConfig, workdir: Path) -> str | Path:
     """Where the prepare stage of this recipe leaves its manifest: under data.output when set (a
     folder or s3://bucket/prefix), else in the working directory's prepare/ folder."""
     if cfg.data.output:
-        from pipeline.data.manifest import MANIFEST_NAME, is_url, manifest_url
+        from pipeline.data.manifest import MANIFEST_NAME, manifest_url
+        from pipeline.data.storage import is_url
 
         if is_url(cfg.data.output):
             return manifest_url(cfg.data.output.rstrip("/"))
         return Path(cfg.data.output) / MANIFEST_NAME
-    return stage_dirs(workdir)["prepare"] / "manifest.json"
+    return RunLayout(workdir).manifest()
 
 
-def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, force: bool) -> dict:
-    """Run one stage, taking its inputs from the standard places in `workdir`."""
-    d = stage_dirs(workdir)
-    with FolderLock(d[name], f"vitpipe run: {name}"):
-        return _run_stage(name, cfg, workdir, d, tracker, force)
+def stage_output(name: str, workdir: Path, out: Path | None = None) -> Path:
+    """The folder stage `name` writes: `out` when given, else its folder in the run folder."""
+    return Path(out) if out is not None else RunLayout(workdir).stage(name)
 
 
-def _run_stage(name: str, cfg: PipelineConfig, workdir: Path, d: dict[str, Path], tracker: Tracker,
-               force: bool) -> dict:
-    manifest = dataset_manifest(cfg, workdir)
-    if name == "prepare":
-        return prepare.run(cfg.data, d["prepare"], tracker, force)
-    if name == "pretrain":
-        return pretrain.run(cfg.model, cfg.pretrain, manifest, d["pretrain"], tracker, force)
-    if name == "finetune":
-        init = cfg.finetune.init_from or d["pretrain"] / "model.safetensors"
-        return finetune.run(cfg.finetune, manifest, init, d["finetune"], tracker, force, model=cfg.model)
-    if name == "hybrid":  # a second recipe's hybrid-vs-plain comparison (stages/compare_hybrid.py)
-        from stages import compare_hybrid
-        return compare_hybrid.run_stage(cfg.hybrid, cfg.data, manifest, d["hybrid"], tracker, force)
-    weights = d["finetune"] / "model.safetensors"
-    if not weights.exists() and (d["pretrain"] / "model.safetensors").exists():
-        weights = d["pretrain"] / "model.safetensors"  # a recipe without the finetune stage
-    if name == "export":
-        return export.run(cfg.export, weights, manifest, d["export"], tracker, force)
-    if name == "benchmark":
-        return benchmark.run(cfg.benchmark, d["export"] / "model.onnx", weights, d["benchmark"], tracker, force,
-                             registered_model=registered_model_name(cfg))
+def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, force: bool, *,
+              out: Path | None = None, manifest: str | Path | None = None, init: str | Path | None = None,
+              weights: Path | None = None, onnx: Path | None = None, locked: bool = False) -> dict:
+    """Run one stage, taking every input the caller does not give from the run folder's standard
+    places. The one path from a recipe to a stage: `vitpipe run` (no inputs given) and the stage
+    commands (`vitpipe export --weights W ...`) both call it, so their defaults cannot disagree.
+
+    Defaults: out <workdir>/<stage>; manifest `dataset_manifest`; init finetune.init_from, else the
+    run's pre-trained weights; weights (export, benchmark) the recipe's last training stage's
+    (`RunLayout.deployed_weights`); onnx <workdir>/export/model.onnx. The stage's folder is locked
+    while it runs (a second writer refuses at once), unless the caller holds that lock (`locked`)."""
+    layout = RunLayout(workdir)
+    out = stage_output(name, workdir, out)
+    with contextlib.nullcontext() if locked else FolderLock(out, f"vitpipe run: {name}"):
+        manifest = manifest or dataset_manifest(cfg, workdir)
+        if name == "prepare":
+            return prepare.run(cfg.data, out, tracker, force)
+        if name == "pretrain":
+            return pretrain.run(cfg.model, cfg.pretrain, manifest, out, tracker, force)
+        if name == "finetune":
+            init = init or cfg.finetune.init_from or layout.weights("pretrain")
+            return finetune.run(cfg.finetune, manifest, init, out, tracker, force, model=cfg.model)
+        if name == "hybrid":  # a second recipe's hybrid-vs-plain comparison (stages/compare_hybrid.py)
+            from stages import compare_hybrid
+            return compare_hybrid.run_stage(cfg.hybrid, cfg.data, manifest, out, tracker, force)
+        weights = weights or layout.deployed_weights(cfg.stages)
+        if name == "export":
+            return export.run(cfg.export, weights, manifest, out, tracker, force)
+        if name == "benchmark":
+            return benchmark.run(cfg.benchmark, onnx or layout.onnx(), weights, out, tracker, force,
+                                 registered_model=registered_model_name(cfg))
     raise ValueError(f"unknown stage {name!r}")
 
 
@@ -133,39 +144,26 @@ def run(cfg: PipelineConfig, workdir: str | Path | None = None, force: bool = Fa
 
 
 def _run(cfg: PipelineConfig, workdir: Path, force: bool) -> dict:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    layout = RunLayout(workdir)
+    layout.config().write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tracker = start_tracker(cfg.tracking, run_name=cfg.name, tags={"vitpipe.recipe": cfg.name,
                                                                   "vitpipe.workdir": str(workdir.resolve())})
-    tracker.log_params(to_dict(cfg))
-    tracker.log_artifact(workdir / "config.yaml")
-    summary: dict = {"recipe": cfg.name, "workdir": str(workdir), "stages": list(cfg.stages),
-                     "mlflow_run_id": tracker.run_id, "tracking_uri": getattr(tracker, "tracking_uri", None)}
-    try:
+    with tracked_run(tracker):  # the parent run ends once, with the status the run ended in
+        tracker.log_params(to_dict(cfg))
+        tracker.log_artifact(layout.config())
+        summary: dict = {"recipe": cfg.name, "workdir": str(workdir), "stages": list(cfg.stages),
+                         "mlflow_run_id": tracker.run_id, "tracking_uri": getattr(tracker, "tracking_uri", None)}
         for name in cfg.stages:
             child = tracker.child(name) if not isinstance(tracker, NullTracker) else tracker
-            try:
+            with tracked_run(child):
                 summary[name] = run_stage(name, cfg, workdir, child, force)
-            except TrainingPreempted:
-                child.finish("KILLED")
-                raise
-            except BaseException:
-                child.finish("FAILED")
-                raise
-            child.finish()
-    except TrainingPreempted:
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    _write_summary(workdir, summary)  # only once every stage is done: a partial run has none
-    text = summary_table(summary)
-    (workdir / "summary.txt").write_text(text + "\n")
-    tracker.log_artifact(workdir / "summary.json")
-    tracker.finish()
+        _write_summary(workdir, summary)  # only once every stage is done: a partial run has none
+        text = summary_table(summary)
+        layout.summary_text().write_text(text + "\n")
+        tracker.log_artifact(layout.summary())
     print("\n" + text)
     return summary
 
 
 def _write_summary(workdir: Path, summary: dict) -> None:
-    write_json(workdir / "summary.json", summary)
+    write_json(RunLayout(workdir).summary(), summary)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
-from pipeline.data.manifest import is_url, read_url
+from pipeline.data.storage import is_url, read_url
 from pipeline.folder_lock import LOCK_NAME
 
 RECORD = "stage.json"

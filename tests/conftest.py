@@ -83,7 +83,7 @@ def digits300(tmp_path_factory) -> Path:
     manifest.json), shared by every test file that needs a small real dataset; copy it before
     changing it."""
     from pipeline.config import DataConfig
-    from pipeline.data.manifest import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("digits300")
     prepare_dataset(DataConfig(source="digits", limit=300, shard_max_samples=50, workers=1), out)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.data.augment import TrainTransform, mix_batch, rand_augment, random_resized_crop_box
+from pipeline.data.transforms import TrainTransform, mix_batch, rand_augment, random_resized_crop_box
 
 
 @pytest.fixture(scope="module")

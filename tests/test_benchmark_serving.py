@@ -53,7 +53,7 @@ def trained(tmp_path_factory, digits300):
     """A 1-block ViT trained for a few seconds on MNIST (confident, mostly right predictions), as a
     weights pair, exported and parity-checked by the real export stage."""
     root = tmp_path_factory.mktemp("served")
-    from pipeline.data.loader import make_transform
+    from pipeline.data.transforms import make_transform
 
     cfg = ModelConfig(patch_size=7, width=32, depth=1, heads=2, mlp_dim=64, in_channels=1, mean=MEAN, std=STD)
     torch.manual_seed(0)
@@ -323,7 +323,7 @@ def _digit_files(folder: Path, n: int = 12) -> tuple[list[Path], np.ndarray]:
 
 
 def _torch_top1(model, files) -> np.ndarray:
-    from pipeline.data.loader import make_transform
+    from pipeline.data.transforms import make_transform
 
     t = make_transform(SIZE, 1, MEAN, STD)
     with torch.inference_mode():
@@ -365,7 +365,7 @@ def test_registered_version_has_tags_requirements_and_predicts_like_pytorch(regi
     assert "signature" in mlmodel and "images" in mlmodel and "CPUExecutionProvider" in mlmodel
 
     files, labels = _digit_files(tmp_path / "digits")
-    from pipeline.data.loader import make_transform
+    from pipeline.data.transforms import make_transform
 
     t = make_transform(SIZE, 1, MEAN, STD)
     batch = np.stack([t(Image.open(f)).numpy() for f in files])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, PipelineConfig, load_config, to_dict
+from pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_dict, validate
 from pipeline.model.variants import SIZES, decode_variant
 from pipeline.train.deepspeed_config import deepspeed_config
 
@@ -20,7 +20,10 @@ ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_every_shipped_yaml_loads_and_validates(path):
     # Fragments (model presets, ZeRO settings) are validated on top of the defaults.
     cfg = load_config(path)
-    assert isinstance(cfg, PipelineConfig)
+    # what is logged and saved (to_dict) reads back as the same config, and still validates
+    again = from_dict(PipelineConfig, to_dict(cfg))
+    assert again == cfg
+    validate(again)
 
 
 def test_recipes_document_how_to_run_them():

@@ -32,8 +32,9 @@ ALL = ["fp32", "optimized", "fp16", "int8_dynamic", "int8_static"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(weights path, manifest path): 900 digits (a third held out), a 2-block ViT trained for 120 steps."""
-    from pipeline.data.loader import iter_split, make_transform
-    from pipeline.data.manifest import prepare_dataset
+    from pipeline.data.eval_stream import iter_split
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.transforms import make_transform
     from pipeline.model.vit import build_model
 
     root = tmp_path_factory.mktemp("trained")
@@ -86,9 +87,12 @@ def test_every_variant_is_written_checked_and_described(exported):
     assert list(info["variants"]) == ALL
     v = info["variants"]
     depth = MODEL.depth
-    # The fused graph: one Attention per block, the residual+norm pairs fused, GELU fused with its bias.
-    assert v["optimized"]["fusions"] == {"Attention": depth, "BiasGelu": depth, "LayerNormalization": 1,
-                                         "SkipLayerNormalization": 2 * depth}
+    # The fused graph (CPU form): one Attention per block, each norm one LayerNormalization, GELU fused
+    # with its bias; the fp16 (GPU) graph fuses the residual adds into SkipLayerNormalization.
+    assert v["optimized"]["fusions"] == {"Attention": depth, "BiasGelu": depth, "LayerNormalization": 2 * depth + 1}
+    assert v["fp16"]["fusions"]["SkipLayerNormalization"] == 2 * depth
+    # int8 dynamic: the matmuls are integer, the patch-embedding Conv stays fp32 (ConvInteger is slower).
+    assert v["int8_dynamic"]["op_counts"]["Conv"] == 1 and "ConvInteger" not in v["int8_dynamic"]["op_counts"]
     assert "Attention" not in v["fp32"]["fusions"] and v["fp32"]["op_counts"].get("MatMul", 0) > 4 * depth
     assert v["fp16"]["fusions"]["Attention"] == depth
     assert v["int8_dynamic"]["fusions"]["QAttention"] == depth and v["int8_dynamic"]["fusions"]["MatMulInteger"] > 0
@@ -206,6 +210,18 @@ def test_fused_graph_of_the_hybrid_matches_pytorch():
         graph_builder.build_vit_graph(model, opset=18, dynamic_resolution=True)
 
 
+@pytest.mark.parametrize("skip_layer_norm", [False, True])
+def test_both_residual_norm_forms_match_pytorch(skip_layer_norm):
+    # CPU form (Add + LayerNormalization) and GPU form (SkipLayerNormalization): the same function.
+    model = tiny_vit(depth=3)
+    proto = graph_builder.build_vit_graph(model, opset=18, skip_layer_norm=skip_layer_norm)
+    x = torch.randn(4, 3, 16, 16)
+    assert np.abs(model(x).detach().numpy() - _session(proto).run(None, {"images": x.numpy()})[0]).max() < 1e-4
+    fused = graph_builder.fusions(proto)
+    assert fused.get("SkipLayerNormalization", 0) == (6 if skip_layer_norm else 0)
+    assert fused["LayerNormalization"] == (1 if skip_layer_norm else 7)
+
+
 @pytest.mark.parametrize("kw, named", [
     (dict(class_token=False, global_pool="avg"), "global_pool='avg'"),
     (dict(fc_norm=True, global_pool="avg", class_token=False), "fc_norm"),
@@ -222,7 +238,7 @@ def test_fp16_without_fp32_io_takes_and_returns_fp16(tmp_path):
     from pipeline.export.precision import to_fp16
 
     model = tiny_vit()
-    half = to_fp16(graph_builder.build_vit_graph(model, opset=18), keep_io_types=False,
+    half = to_fp16(graph_builder.build_vit_graph(model, opset=18, skip_layer_norm=True), keep_io_types=False,
                    fp32_ops=["SkipLayerNormalization", "LayerNormalization"])
     path = export_graph(half, tmp_path / "m.onnx", image_size=16, in_channels=3, opset=18)
     session, _ = ort_session(path, providers=["CPUExecutionProvider"])
@@ -275,7 +291,7 @@ def test_the_plain_export_emits_the_asked_opset_without_conversion_warnings(tmp_
 
 
 def test_bench_export_measures_every_candidate_and_the_busy_case(tmp_path):
-    from pipeline.export.bench_export import bench_export
+    from tools.bench_export import bench_export
 
     result = bench_export("vit-ti4", image_size=16, batch_sizes=(1, 4), rounds=1, iterations=1, busy_seconds=20,
                           num_classes=10, depth=1, workdir=tmp_path)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import (EXECUTION_FIELDS, ConfigError, DataConfig, ModelConfig, TrackingConfig, TrainConfig,
                              finetune_model_config, load_config, train_fingerprint_fields, validate)
-from pipeline.data.manifest import prepare_dataset
+from pipeline.data.prepare import prepare_dataset
 from pipeline.model.vit import build_model
 from pipeline.model.weights import model_from_pair, read_weights_pair, save_weights_pair, weights_meta
 from pipeline.train.loop import LOSSES_FILE, Preempted, TrainJob, Trainer, build_engine, init_distributed
@@ -75,7 +75,7 @@ def _job(out: Path, manifest, init: Path, **train) -> TrainJob:
                               weight_decay=0.0, warmup_steps=1, zero_stage=0, eval_batch=64, log_every=1,
                               peak_tflops=1.0, keep_checkpoints=5), **train})
     out.mkdir(parents=True, exist_ok=True)
-    return TrainJob(stage="finetune", model={**dataclasses.asdict(MODEL), "drop_path": 0.1}, train=dataclasses.asdict(t),
+    return TrainJob(stage="finetune", model=dataclasses.replace(MODEL, drop_path=0.1), train=t,
                     manifest=str(manifest), out_dir=str(out), init_from=str(init))
 
 

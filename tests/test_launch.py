@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.launch.targets import JobSpec, render, torchrun_command
+from pipeline.launch.targets import JobSpec, node_torchrun_command, render
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
@@ -90,9 +90,9 @@ def test_torchrun_dry_run_renders_one_command_per_node(capsys, tmp_path, backend
             assert f["rdzv_endpoint"] == "10.1.2.3:29401" and f["rdzv_id"] == "vitpipe-tiny"
         else:
             assert (f["master_addr"], f["master_port"]) == ("10.1.2.3", "29401")
+        # every node runs the one worker entry on the job file the orchestrator writes
         module = argv[argv.index("-m") + 1:]
-        assert module[:2] == ["pipeline.launch.entry", str(TINY)]
-        assert module[module.index("--workdir") + 1] == str(tmp_path)
+        assert module == ["pipeline.train.worker", "--job", str(tmp_path / "pretrain" / "job.json")]
     # --node-rank prints just that node's command
     one = dry_run(capsys, "--target", "torchrun", "--nodes", "3", "--rdzv", "h:1", "--node-rank", "2")
     assert [flags(shlex.split(l))["node_rank"] for l in one.splitlines() if not l.startswith("#")] == ["2"]
@@ -128,7 +128,7 @@ def test_slurm_dry_run_script(capsys, tmp_path):
     f = flags(inner[4:])
     assert f["nnodes"] == "$SLURM_NNODES" and f["node_rank"] == "$SLURM_NODEID" and f["nproc_per_node"] == "8"
     assert f["rdzv_endpoint"] == "$head_node:$rdzv_port" and f["rdzv_id"] == "$SLURM_JOB_ID"
-    assert "pretrain.steps=5" in inner
+    assert inner[inner.index("-m", 4) + 1:] == ["pipeline.train.worker", "--job", f"{tmp_path}/pretrain/job.json"]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell syntax
 
 
@@ -149,7 +149,7 @@ def test_hostfile_dry_run(capsys, tmp_path):
     ds = parse_args(argv[1:])
     assert ds.hostfile == f"{tmp_path}/hostfile" and ds.num_nodes == 2 and ds.num_gpus == 4
     assert ds.master_addr == "gpu-a" and ds.module and ds.no_local_rank
-    assert ds.user_script == "pipeline.launch.entry" and ds.user_args[0] == str(TINY)
+    assert ds.user_script == "pipeline.train.worker" and ds.user_args == ["--job", f"{tmp_path}/pretrain/job.json"]
     # its hostfile parser reads our file
     from deepspeed.launcher.runner import fetch_hostfile
 
@@ -224,7 +224,8 @@ def test_k8s_dry_run_is_a_valid_pytorchjob(capsys, pytorchjob_schema, monkeypatc
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         # rendezvous flags come from the operator's PET_* variables, so none are on the command line
         assert c["command"][:2] == ["torchrun", "--max_restarts=2"] and not any("rdzv" in a for a in c["command"])
-        assert c["command"][c["command"].index("-m") + 1] == "pipeline.launch.entry"
+        assert c["command"][c["command"].index("-m") + 1:] == ["pipeline.train.worker", "--job",
+                                                               "/workspace/runs/tiny/pretrain/job.json"]
         env = {e["name"]: e for e in c["env"]}
         assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.mlops:5000"
         assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.mlops:9000"
@@ -298,9 +299,12 @@ def test_two_torchrun_nodes_on_loopback_match_two_local_ranks(prepared, tmp_path
     (work / "prepare").symlink_to(prepared / "prepare")
     spec = JobSpec(recipe=str(TINY), overrides=overrides, workdir=str(work), nodes=2, gpus_per_node=1,
                    rdzv_endpoint=f"127.0.0.1:{free_port()}", name="two-nodes")
+    from stages.submit import write_submitted_job
+
+    write_submitted_job(cfg, spec, "torchrun")  # what `vitpipe submit` does before it starts the nodes
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(torchrun_command(spec, r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    agents = [subprocess.Popen(node_torchrun_command(spec, r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=env, cwd=tmp_path) for r in (0, 1)]
     outs = []
     for a in agents:

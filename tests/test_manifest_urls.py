@@ -19,10 +19,11 @@ from typing import Iterator
 import pytest
 import torch
 
-from pipeline.data.augment import TrainTransform
-from pipeline.data.loader import eval_batches
-from pipeline.data.manifest import DataError, load_manifest, manifest_location, verify_manifest
+from pipeline.data.errors import DataError
+from pipeline.data.eval_stream import eval_batches
+from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.data.stream import train_stream
+from pipeline.data.transforms import TrainTransform
 from stages.record import file_identity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,16 +264,16 @@ def test_a_recipe_that_prepares_to_s3_trains_from_there(tmp_path):
     """With data.output=s3://..., `vitpipe run`, the stage commands and multi-node jobs all read the
     manifest from there; a local data.output works the same way."""
     from pipeline.config import load_config
-    from pipeline.launch.entry import build_job
     from stages.recipe import dataset_manifest
+    from stages.submit import submitted_job
 
     recipe = str(ROOT / "configs" / "pipeline" / "tiny.yaml")
     cfg = load_config(recipe, ["data.output=s3://bucket/datasets/mnist/"])
     assert dataset_manifest(cfg, tmp_path) == "s3://bucket/datasets/mnist/manifest.json"
-    job = build_job(recipe, ["data.output=s3://bucket/datasets/mnist"], tmp_path)
+    job = submitted_job(load_config(recipe, ["data.output=s3://bucket/datasets/mnist"]), tmp_path)
     assert job.manifest == "s3://bucket/datasets/mnist/manifest.json"
     cfg = load_config(recipe, [f"data.output={tmp_path / 'ds'}"])
     assert dataset_manifest(cfg, tmp_path) == tmp_path / "ds" / "manifest.json"
     assert dataset_manifest(load_config(recipe, []), tmp_path) == tmp_path / "prepare" / "manifest.json"
     with pytest.raises(FileNotFoundError, match="no manifest"):
-        build_job(recipe, [], tmp_path)
+        submitted_job(load_config(recipe, []), tmp_path)

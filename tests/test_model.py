@@ -158,8 +158,10 @@ def test_drop_path_only_in_training():
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x))
     model.train()
-    model(x).sum().backward()  # trains without error with stochastic depth on
-    assert model.pos_embed.grad is not None
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))  # blocks and units dropped at random in training
+    model(x).sum().backward()  # trains with stochastic depth on, and gradients reach the embeddings
+    assert torch.isfinite(model.pos_embed.grad).all() and torch.count_nonzero(model.pos_embed.grad) > 0
 
 
 def test_reset_head_is_zero_and_gives_zero_logits():
@@ -238,12 +240,7 @@ def test_r50_l16_parameter_count_from_l32():
     assert count(l16) == want and abs(want - 316.48e6) < 0.01e6
 
 
-def test_model_imports_no_distribution_or_tracking():
-    # A source check, not sys.modules: other tests in the session may import deepspeed/mlflow.
-    for mod in ("vit", "pos_embed", "weights", "variants"):
-        src = open(f"pipeline/model/{mod}.py").read()
-        for banned in ("deepspeed", "torch.distributed", "mlflow"):
-            assert f"import {banned}" not in src and f"from {banned}" not in src, (mod, banned)
+# The model's import boundary (torch only, the whole folder): tests/test_import_graph.py
 
 
 # --------------------------------------------------------------------------- pos_embed resampling

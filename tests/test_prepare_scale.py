@@ -16,8 +16,10 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import DataConfig
-from pipeline.data.loader import iter_split
-from pipeline.data.manifest import DataError, load_manifest, prepare_dataset, verify_manifest
+from pipeline.data.errors import DataError
+from pipeline.data.eval_stream import iter_split
+from pipeline.data.manifest import load_manifest, verify_manifest
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import StoredSample, plan_shards, tar_size
 from pipeline.data.sources import load_source
 
@@ -470,7 +472,7 @@ def test_photo_crops_are_real_photo_jpegs_at_imagenet_size(tmp_path):
     a class-folder tree that prepare reads; the same seed writes the same files."""
     from PIL import Image
 
-    from pipeline.data.photo_crops import write_photo_crops
+    from tools.photo_crops import write_photo_crops
 
     a, b = write_photo_crops(tmp_path / "a", 8), write_photo_crops(tmp_path / "b", 8)
     files = sorted(a.rglob("*.jpg"))

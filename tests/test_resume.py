@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.track import NullTracker
 from pipeline.train import checkpoints
 from pipeline.train.loop import LOSSES_FILE, TrainJob
-from pipeline.train.stage_runner import TrainingError, TrainingPreempted, run_training
+from stages.training import TrainingError, TrainingPreempted, run_training
 from stages import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     manifest = prepare.run(cfg.data, work / "prepare")["manifest"]
 
     def job(out: str, **extra) -> TrainJob:
-        return TrainJob(stage="pretrain", model=dataclasses.asdict(cfg.model), train=dataclasses.asdict(cfg.pretrain),
+        return TrainJob(stage="pretrain", model=cfg.model, train=cfg.pretrain,
                         manifest=manifest, out_dir=str(work / out), **extra)
 
     reference = run_training(job("reference"), 2, NullTracker())
@@ -267,7 +267,7 @@ def test_killed_job_leaves_no_process_running_and_commits_nothing_after(setup, t
 def test_the_error_names_the_rank_that_died_not_the_survivor(setup, monkeypatch):
     monkeypatch.setenv("VITPIPE_FAULT", "save:2:1")  # rank 1 SIGKILLed as it starts the step-2 checkpoint
     job = setup["job"]("rank_died")
-    job.train = {**job.train, "checkpoint_every": 2, "max_restarts": 0}
+    job.train = dataclasses.replace(job.train, checkpoint_every=2, max_restarts=0)
     with pytest.raises(TrainingError) as err:
         run_training(job, 2, NullTracker())
     msg = str(err.value)

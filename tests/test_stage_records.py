@@ -231,7 +231,8 @@ def test_a_second_writer_of_a_folder_refuses_naming_the_holder(tmp_path, capsys)
 
 
 def test_prepare_skips_lists_and_limits_unreadable_images_and_keeps_the_old_dataset(tmp_path, capsys):
-    from pipeline.data.manifest import DataError, load_manifest, verify_manifest
+    from pipeline.data.errors import DataError
+    from pipeline.data.manifest import load_manifest, verify_manifest
 
     src = digit_folder(tmp_path / "src")  # 18 readable images
     (src / "d0" / "broken.png").write_bytes(b"this is not a png")

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.augment import TrainTransform
-from pipeline.data.manifest import DataError, load_manifest, prepare_dataset
+from pipeline.data.errors import DataError
+from pipeline.data.manifest import load_manifest
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.stream import StreamState, plan_epoch, train_stream
+from pipeline.data.transforms import TrainTransform
 
 TRANSFORM = TrainTransform(image_size=8, in_channels=1, mean=[0.5], std=[0.5])
 
@@ -201,13 +203,13 @@ def test_missing_label_member_is_an_error_never_a_mispairing(copy):
 
     shard = _rewrite_member(copy, 0, drop_one_label)
     _fix_manifest(copy, shard)
-    with pytest.raises(DataError, match="lacks an image or its .cls label"):
+    with pytest.raises(DataError, match=r"no \.cls label.*image and label must share a key"):
         _one_epoch(copy)
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_reader_matches_tarfile_including_long_names(tmp_path, fmt):
-    from pipeline.data.stream import tar_members
+    from pipeline.data.shard_format import tar_members
 
     members = {"a.cls": b"3", "dir/b.png": b"\x89PNG" + bytes(700), ("x" * 120) + "/long.cls": b"7",
                "y" * 150 + ".png": bytes(513)}
@@ -232,7 +234,7 @@ def test_tar_reader_matches_tarfile_including_long_names(tmp_path, fmt):
 def test_tar_reader_rejects_a_damaged_header_and_reads_short_reads(tmp_path):
     """A flipped byte in any header field is caught by the checksum before it can mis-pair members;
     a stream that returns a few bytes per read (pipes, sockets) reads the same members."""
-    from pipeline.data.stream import tar_members
+    from pipeline.data.shard_format import tar_members
 
     members = {f"{i:04d}.{ext}": bytes([i]) * (300 + i) for i in range(5) for ext in ("png", "cls")}
     path = tmp_path / "t.tar"

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data.augment import TrainTransform
-from pipeline.data.manifest import DataError, load_manifest, prepare_dataset
+from pipeline.data.errors import DataError
+from pipeline.data.manifest import load_manifest
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.stream import train_stream
+from pipeline.data.transforms import TrainTransform
 
 TRANSFORM = TrainTransform(image_size=8, in_channels=1, mean=[0.5], std=[0.5])
 

@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.track import NullTracker
 from pipeline.train import checkpoints
 from pipeline.train.loop import TrainJob
-from pipeline.train.stage_runner import TrainingPreempted, run_training
+from stages.training import TrainingPreempted, run_training
 from stages import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_two_ranks_then_resume_on_one(stage, manifest, tmp_path, at_step_3):
     cfg = load_config(TINY, overrides)
 
     def job(**extra):
-        return TrainJob(stage="pretrain", model=dataclasses.asdict(cfg.model), train=dataclasses.asdict(cfg.pretrain),
+        return TrainJob(stage="pretrain", model=cfg.model, train=cfg.pretrain,
                         manifest=manifest, out_dir=str(tmp_path), **extra)
 
     with pytest.raises(TrainingPreempted):

@@ -4,38 +4,36 @@
 (relative to the manifest's folder), sample count, size and sha256. It is written last and
 atomically, so a manifest that exists describes shards that were completely written.
 
-A manifest is read from a local file or folder, or from a URL: ``s3://bucket/prefix`` or
-``http(s)://host/path`` (a URL ending in ``.json`` is the manifest itself; otherwise
-``/manifest.json`` is appended). Shard names resolve against the manifest's folder either way:
-`Manifest.shard_location` gives the path or URL to read a shard from.
+A manifest is read from a local file or folder, or from a URL: ``s3://bucket/prefix``,
+``http(s)://host/path`` or ``pipe:<command> <path>`` (a URL ending in ``.json`` is the manifest
+itself; otherwise ``/manifest.json`` is appended). Shard names resolve against the manifest's
+folder either way: `Manifest.shard_location` gives the path or URL to read a shard from.
+
+This module owns the schema, loading and the pre-flight check (`verify_manifest`); the bytes come
+through `storage`, the shards are read by `shard_format`, and `prepare` writes datasets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tarfile
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline.config import DataConfig
+from pipeline.atomic import write_text
+from pipeline.data.errors import DataError, MissingObject
+from pipeline.data.shard_format import IMAGE_SUFFIXES, read_shard
+from pipeline.data.storage import is_url, object_size, open_url, read_url
 
 MANIFEST_FORMAT = "vitpipe.shards/1"
 MANIFEST_NAME = "manifest.json"
-IMAGE_SUFFIXES = ("png", "jpg")
-URL_SCHEMES = ("s3://", "http://", "https://")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # what Path() makes of a URL: it collapses "//", so "s3://b/k" becomes "s3:/b/k"
 _COLLAPSED_URL = re.compile(r"^(s3|https?):/[^/]")
-
-
-class DataError(ValueError):
-    """A dataset, shard or manifest that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -68,7 +66,7 @@ class Manifest:
 
     @property
     def is_remote(self) -> bool:
-        """True when the manifest (and so, by default, its shards) is at an s3:// or http(s):// URL."""
+        """True when the manifest (and so, by default, its shards) is at an s3://, http(s):// or pipe: URL."""
         return is_url(self.folder)
 
     @property
@@ -83,12 +81,12 @@ class Manifest:
         """Where the shard called `name` (a record's "name") is read from: a local path or a URL."""
         if not self.is_remote:
             return str(Path(self.folder) / name)
-        if self.folder.startswith("s3://"):
-            return f"{self.folder}/{name}"  # object keys are used as they are
+        if not self.folder.startswith(("http://", "https://")):
+            return f"{self.folder}/{name}"  # S3 object keys and pipe: commands take names as they are
         return f"{self.folder}/{urllib.parse.quote(name, safe='/')}"
 
     def shard_locations(self, split: str) -> list[str]:
-        """Paths or URLs of the shards of `split`, in manifest order (for `stream.open_url`)."""
+        """Paths or URLs of the shards of `split`, in manifest order (for `storage.open_url`)."""
         return [self.shard_location(s["name"]) for s in self.shards(split)]
 
     def shard_paths(self, split: str) -> list[Path]:
@@ -105,25 +103,18 @@ class Manifest:
 
 def write_manifest(out_dir: str | Path, info: dict) -> Path:
     """Check `info` against the schema and write it as out_dir/manifest.json atomically."""
-    out_dir = Path(out_dir)
-    path = out_dir / MANIFEST_NAME
-    _check_schema(info, path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, path)  # readers see either no manifest or a complete one
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = Path(out_dir) / MANIFEST_NAME
+    check_schema(info, path)
+    write_text(path, manifest_text(info))  # readers see either no manifest or a complete one
     return path
 
 
+def manifest_text(info: dict) -> str:
+    """The manifest file's text (one layout for local files and uploads)."""
+    return json.dumps(info, indent=2) + "\n"
+
+
 # --------------------------------------------------------------------------- reading
-
-
-def is_url(location: str | Path) -> bool:
-    """True for an s3://, http:// or https:// URL (a Path never is: it collapses the "//")."""
-    return isinstance(location, str) and location.startswith(URL_SCHEMES)
 
 
 def manifest_url(url: str) -> str:
@@ -151,23 +142,6 @@ def _refuse_collapsed_url(path: str | Path) -> None:
                         "pass the URL as a string, e.g. s3://bucket/prefix")
 
 
-def read_url(url: str, what: str = "manifest") -> bytes:
-    """The bytes at an s3:// or http(s):// URL; a DataError naming the URL if they cannot be fetched."""
-    from pipeline.data.stream import open_url  # here: stream.py imports this module
-
-    try:
-        stream = open_url(url)
-    except DataError as e:  # "<url>: cannot open (<why>)": keep the why
-        detail = re.sub(r"^cannot open(?: shard)? \((.*)\)$", r"\1", str(e).removeprefix(f"{url}: "), flags=re.S)
-        raise DataError(f"{url}: cannot fetch the {what} ({detail})") from None
-    try:
-        return stream.read()
-    except Exception as e:  # OS, HTTP and botocore errors while the body streams
-        raise DataError(f"{url}: reading the {what} failed ({type(e).__name__}: {e})") from None
-    finally:
-        stream.close()
-
-
 def load_manifest(path: str | Path) -> Manifest:
     """Read and schema-check a manifest.
 
@@ -192,7 +166,7 @@ def _manifest_from_bytes(data: bytes, where: Path | str, folder: str) -> Manifes
         info = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: not valid JSON: {e}") from None
-    _check_schema(info, where)
+    check_schema(info, where)
     return Manifest(
         path=where,
         folder=folder,
@@ -211,7 +185,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_schema(info: Any, path: Path | str) -> None:
+def check_schema(info: Any, path: Path | str) -> None:
     """Raise DataError naming `path` and the field if `info` is not a valid manifest."""
 
     def fail(msg: str) -> None:
@@ -291,49 +265,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def count_tar_samples(path: str | Path, num_classes: int | None = None) -> int:
-    """Distinct sample keys in a shard, checking each has one image and a valid .cls label."""
-    # imported here: webdataset imports torch, which prepare's worker processes do not need
-    from webdataset.tariterators import base_plus_ext
-
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                # group members exactly the way webdataset will when the loader reads them
-                key, suffix = base_plus_ext(member.name)
-                if key is None:
-                    raise DataError(f"{path}: member {member.name!r} has no extension")
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise DataError(f"{path}: member {member.name!r} is truncated")
-                samples.setdefault(key, {})[suffix.lower()] = data
-    except tarfile.TarError as e:
-        raise DataError(f"{path}: not a readable tar file ({e})") from None
-    for key, parts in samples.items():
-        if not any(s in parts for s in IMAGE_SUFFIXES):
-            raise DataError(f"{path}: sample {key!r} has no image (.png or .jpg); it has {sorted(parts)}")
-        if "cls" not in parts:
-            raise DataError(f"{path}: sample {key!r} has no .cls label")
-        try:
-            label = int(parts["cls"].decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            raise DataError(f"{path}: sample {key!r} has a non-integer .cls: {parts['cls'][:20]!r}") from None
-        if num_classes is not None and not 0 <= label < num_classes:
-            raise DataError(f"{path}: sample {key!r} has label {label}, outside 0..{num_classes - 1}")
-    return len(samples)
-
-
 def verify_manifest(manifest: Manifest, check_hashes: bool = True, train_base_url: str | None = None) -> None:
-    """Check every shard exists and matches its recorded size, sha256 and sample count.
+    """The pre-flight check: every shard exists with its recorded size and, for a local dataset, its
+    sha256 (`check_hashes`), sample count and labels, read by the one shard reader training uses.
 
     For a manifest at a URL only existence and size are checked, with one HEAD request per shard
-    (`check_hashes` does not apply): hashing would download the whole dataset before training, and
-    every reader checks each shard's size, sha256 and sample count as it streams anyway. The same
-    holds for train shards read from `train_base_url` (pretrain.shard_base_url) instead of beside
-    the manifest.
+    (`check_hashes` does not apply; a pipe: command's size cannot be asked, so it is left to the
+    reader): hashing would download the whole dataset before training, and every reader checks each
+    shard's size and sha256 before it releases a sample. The same holds for train shards read from
+    `train_base_url` (pretrain.shard_base_url) instead of beside the manifest.
     """
     if manifest.is_remote:
         _verify_sizes(manifest, [(split, manifest.shard_locations(split)) for split in manifest.splits])
@@ -344,47 +284,21 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True, train_base_ur
     for split in manifest.splits:
         if train_base_url and split == "train":
             continue
+        _verify_sizes(manifest, [(split, [str(p) for p in manifest.shard_paths(split)])], threads=1)
         for shard, path in zip(manifest.shards(split), manifest.shard_paths(split)):
-            if not path.is_file():
-                raise DataError(f"{path}: shard listed in {manifest.path} is missing")
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                raise DataError(
-                    f"{path}: size is {size} bytes but {manifest.path} records {shard['bytes']} "
-                    "(truncated or rewritten shard)"
-                )
-            if check_hashes:
-                digest = file_sha256(path)
-                if digest != shard["sha256"]:
-                    raise DataError(
-                        f"{path}: sha256 is {digest} but {manifest.path} records {shard['sha256']}"
-                    )
-            count = count_tar_samples(path, manifest.num_classes)
-            if count != shard["samples"]:
-                raise DataError(
-                    f"{path}: holds {count} samples but {manifest.path} records {shard['samples']}"
-                )
+            for _ in read_shard(open_url(str(path)), shard, str(path), manifest.num_classes, check_hash=check_hashes):
+                pass
 
 
 def _verify_sizes(manifest: Manifest, where: list[tuple[str, list[str]]], threads: int = 16) -> None:
     """Every shard at its location (URL or local path) exists and has its recorded size (HEAD
     requests or stat, in parallel); `where` pairs each split with its shards' locations."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.data.storage import MissingObject, url_size
-
     checks = [(loc, rec) for split, locations in where for loc, rec in zip(locations, manifest.shards(split))]
 
     def check(item: tuple[str, dict]) -> str | None:
         location, record = item
         try:
-            if is_url(location):
-                size = url_size(location)
-            else:
-                path = Path(location[7:] if location.startswith("file://") else location)
-                if not path.is_file():
-                    raise MissingObject(location)
-                size = path.stat().st_size
+            size = object_size(location)
         except MissingObject:
             return f"{location}: shard listed in {manifest.path} is missing"
         if size is not None and size != record["bytes"]:
@@ -396,103 +310,3 @@ def _verify_sizes(manifest: Manifest, where: list[tuple[str, list[str]]], thread
         for problem in pool.map(check, checks):
             if problem:
                 raise DataError(problem)
-
-
-# --------------------------------------------------------------------------- prepare
-
-
-def _created() -> str:
-    """UTC time of writing; SOURCE_DATE_EPOCH (the reproducible-builds variable) pins it."""
-    from datetime import datetime, timezone
-
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
-    return when.isoformat(timespec="seconds")
-
-
-_STAGING_PREFIX = ".prepare-staging-"
-
-
-def _swap_in(staging: Path, final: Path) -> Path:
-    """Replace final's shards/ and manifest with the complete ones in `staging`; the new manifest.
-
-    The old manifest goes first, so at no moment does a manifest describe shards it did not list:
-    for the instant of two renames there is none, then the new one."""
-    (final / MANIFEST_NAME).unlink(missing_ok=True)
-    old = final / f"{_STAGING_PREFIX}old-{os.getpid()}"
-    if (final / "shards").exists():
-        os.replace(final / "shards", old)
-    os.replace(staging / "shards", final / "shards")
-    os.replace(staging / MANIFEST_NAME, final / MANIFEST_NAME)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    return final / MANIFEST_NAME
-
-
-def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> Path | str:
-    """Load `cfg`'s source, split it, write train/val shards in parallel, then the manifest.
-
-    `out_dir` is a local folder or ``s3://bucket/prefix``; returns the manifest's path (local) or
-    URL (S3). Shards are written (uploaded) as each completes, the manifest last, so a reader never
-    sees a manifest describing shards that are not all there. The same source and options give
-    byte-identical shards and manifest (up to `created`) for any `cfg.workers`.
-    """
-    # imported here because sources and shards import DataError from this module
-    from pipeline.data.shards import EncodeOptions, write_dataset_shards
-    from pipeline.data.sources import load_source, split_train_val
-    from pipeline.data.storage import OutputTarget
-
-    target = OutputTarget.parse(out_dir)
-    source = load_source(cfg, lazy=True)
-    if not source.samples:
-        raise DataError(f"data.source {cfg.source}: the dataset is empty (after limit={cfg.limit})")
-    train, val = split_train_val(source.samples, cfg.val_fraction, cfg.seed)
-    shard_options = dict(max_samples=cfg.shard_max_samples, max_bytes=cfg.shard_max_bytes,
-                         options=EncodeOptions(cfg.image_format, cfg.resize_shorter_side), workers=cfg.workers,
-                         max_corrupt_fraction=cfg.max_corrupt_fraction)
-    if target.is_s3:
-        # drop the old manifest first: while shards are rewritten nothing may look complete
-        target.delete(MANIFEST_NAME)
-        written = write_dataset_shards({"train": train, "val": val}, target, **shard_options)
-        staging = None
-    else:
-        # A local dataset is built beside the old one and swapped in once complete: the previous
-        # manifest and its shards stay usable until then (a failed or interrupted rerun keeps them).
-        final = Path(target.local)
-        final.mkdir(parents=True, exist_ok=True)
-        for stale in final.glob(f"{_STAGING_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the stage lock keeps one writer)
-        staging = final / f"{_STAGING_PREFIX}{os.getpid()}"
-        try:
-            written = write_dataset_shards({"train": train, "val": val}, OutputTarget.parse(staging), **shard_options)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # the previous dataset is untouched
-            raise
-    geometry = set().union(*(w.geometry for w in written.values()))  # of the stored (resized) images
-    sizes = {(h, w) for h, w, _ in geometry}
-    splits = {name: {"samples": written[name].samples, "shards": written[name].records} for name in ("train", "val")}
-    skipped = [s.to_dict(name) for name in ("train", "val") for s in written[name].skipped]
-    info = {
-        "format": MANIFEST_FORMAT,
-        "source": cfg.source,
-        "class_names": source.class_names,
-        "num_classes": len(source.class_names),
-        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
-        "channels": 1 if all(c == 1 for _, _, c in geometry) else 3,
-        "image_format": cfg.image_format,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "shard_max_samples": cfg.shard_max_samples,
-        "shard_max_bytes": cfg.shard_max_bytes,
-        "resize_shorter_side": cfg.resize_shorter_side,
-        "splits": splits,
-        "max_corrupt_fraction": cfg.max_corrupt_fraction,
-        "skipped": skipped,
-        "created": _created(),
-    }
-    if staging is not None:
-        write_manifest(staging, info)  # checked against the schema before anything is swapped
-        return _swap_in(staging, Path(target.local))
-    _check_schema(info, Path(MANIFEST_NAME))
-    target.put_bytes((json.dumps(info, indent=2) + "\n").encode(), MANIFEST_NAME)  # last
-    return target.location(MANIFEST_NAME)

@@ -39,7 +39,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.data.manifest import IMAGE_SUFFIXES, DataError
+from pipeline.data.errors import DataError, write_error
+from pipeline.data.shard_format import IMAGE_SUFFIXES, LABEL_SUFFIX, label_bytes
 from pipeline.data.sources import GRAY_MODES, Sample
 from pipeline.data.storage import OutputTarget
 from pipeline.memory import tune_malloc
@@ -114,7 +115,7 @@ class StoredSample:
     @property
     def tar_bytes(self) -> int:
         """Bytes this sample adds to a tar: header + padded data for the image and the .cls member."""
-        return _member_bytes(self.nbytes) + _member_bytes(len(_label_bytes(self.label)))
+        return _member_bytes(self.nbytes) + _member_bytes(len(label_bytes(self.label)))
 
 
 def _member_bytes(size: int) -> int:
@@ -124,10 +125,6 @@ def _member_bytes(size: int) -> int:
 def tar_size(sample_tar_bytes: int) -> int:
     """Size of a tar holding members of `sample_tar_bytes` in all: two end blocks, padded to a record."""
     return -(-(sample_tar_bytes + 2 * _BLOCK) // _RECORD) * _RECORD
-
-
-def _label_bytes(label: int) -> bytes:
-    return str(int(label)).encode("ascii")
 
 
 def _encode_pil(image: Image.Image, image_format: str) -> bytes:
@@ -183,12 +180,6 @@ def store_image(sample: Sample, options: EncodeOptions) -> tuple[str, bytes, tup
     return options.image_format, _encode_pil(image, options.image_format), (image.height, image.width, channels), False
 
 
-def encode_sample_image(sample: Sample, image_format: str, resize_shorter_side: int | None = None) -> tuple[str, bytes]:
-    """(extension, bytes) stored for a sample (see `store_image`)."""
-    ext, data, _, _ = store_image(sample, EncodeOptions(image_format, resize_shorter_side))
-    return ext, data
-
-
 @dataclass
 class SkippedSample:
     """A source image that could not be stored (unreadable, truncated, a decompression bomb)."""
@@ -208,7 +199,11 @@ def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> tuple[l
     spool = Path(spool_dir) / f"chunk-{index:09d}.bin"
     out: list[StoredSample] = []
     skipped: list[SkippedSample] = []
-    with open(spool, "wb") as f:
+    try:
+        f = open(spool, "wb")
+    except OSError as e:
+        raise write_error(e, spool) from None
+    with f:
         for sample in samples:
             try:
                 ext, data, (h, w, c), kept = store_image(sample, options)
@@ -223,7 +218,10 @@ def _encode_chunk(task: tuple[int, list[Sample], EncodeOptions, str]) -> tuple[l
                 record.path = sample.path
             else:
                 record.spool, record.offset = str(spool), f.tell()
-                f.write(data)
+                try:
+                    f.write(data)
+                except OSError as e:  # a full disk: name the file, not a bare errno
+                    raise write_error(e, spool) from None
             out.append(record)
     return out, skipped
 
@@ -300,7 +298,7 @@ def _write_tar(stored: Sequence[StoredSample], path: Path) -> str:
             with tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 for s in stored:
                     # webdataset groups members by key; fields go in sorted order, like its TarWriter
-                    for field, data in sorted({s.ext: s.read(spools), "cls": _label_bytes(s.label)}.items()):
+                    for field, data in sorted({s.ext: s.read(spools), LABEL_SUFFIX: label_bytes(s.label)}.items()):
                         info = tarfile.TarInfo(f"{s.key}.{field}")
                         info.size, info.mtime, info.mode = len(data), _TAR_MTIME, _TAR_MODE
                         info.uname = info.gname = _TAR_USER
@@ -312,20 +310,18 @@ def _write_tar(stored: Sequence[StoredSample], path: Path) -> str:
 
 
 def _write_shard(task: tuple[str, list[StoredSample], str, OutputTarget]) -> dict:
-    """Pool task: write one shard under a temporary name, hash it, then move it to the target."""
-    name, stored, staging, target = task
-    tmp = Path(staging) / f".{Path(name).name}.tmp-{os.getpid()}"
+    """Pool task: write one shard, hash it, and put it under its final name only once complete."""
+    name, stored, scratch, target = task
     try:
-        sha256 = _write_tar(stored, tmp)
-        size = tmp.stat().st_size
-        planned = tar_size(sum(s.tar_bytes for s in stored))
-        if size != planned:  # the byte limit relies on this arithmetic, so never let it drift
-            raise RuntimeError(f"{name}: wrote {size} bytes but planned {planned}; tar size rule is wrong")
-        record = {"name": name, "samples": len(stored), "bytes": size, "sha256": sha256}
-        target.put_file(tmp, name)  # a shard under its final name is always complete
-    finally:
-        tmp.unlink(missing_ok=True)
-    return record
+        with target.writing(name, scratch) as tmp:
+            sha256 = _write_tar(stored, tmp)
+            size = tmp.stat().st_size
+            planned = tar_size(sum(s.tar_bytes for s in stored))
+            if size != planned:  # the byte limit relies on this arithmetic, so never let it drift
+                raise RuntimeError(f"{name}: wrote {size} bytes but planned {planned}; tar size rule is wrong")
+    except OSError as e:  # a full disk: name the shard, not a bare errno
+        raise write_error(e, target.location(name)) from None
+    return {"name": name, "samples": len(stored), "bytes": size, "sha256": sha256}
 
 
 @dataclass
@@ -365,10 +361,10 @@ def write_dataset_shards(
     max_bytes: int | None = None,
     options: EncodeOptions = EncodeOptions(),
     workers: int = 0,
-    folder: str = "shards",
     max_corrupt_fraction: float = 0.0,
 ) -> dict[str, SplitShards]:
-    """Encode and write every split's shards as `<folder>/<split>-%06d.tar` under `target`.
+    """Encode and write every split's shards as `<split>-%06d.tar` in the folder `target` (records
+    are named relative to it).
 
     `workers` processes (0: all cores; 1: in this process) share both passes; the bytes written
     do not depend on it. Shards of a split left over from an earlier, larger run are removed.
@@ -389,8 +385,8 @@ def write_dataset_shards(
     if target.is_s3:
         scratch_root = None  # system temp dir
     else:
-        scratch_root = Path(target.local) / folder
-        scratch_root.mkdir(parents=True, exist_ok=True)  # same file system: shards are renamed, not copied
+        scratch_root = Path(target.local)
+        scratch_root.mkdir(parents=True, exist_ok=True)  # same file system as the shards
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=scratch_root) as scratch:
         chunks = [
             (split, start, samples[start : start + _ENCODE_CHUNK])
@@ -404,17 +400,17 @@ def write_dataset_shards(
         )
         try:
             limit = math.floor(max_corrupt_fraction * sum(len(v) for v in splits.values()))
-            results = _encode_and_write(executor, chunks, splits, options, scratch, target, folder,
+            results = _encode_and_write(executor, chunks, splits, options, scratch, target,
                                         max_samples, max_bytes, window=2 * pool_size, corrupt_limit=limit)
         finally:
             executor.shutdown(cancel_futures=True)
     for split, result in results.items():
-        _remove_stale_shards(target, folder, split, keep=len(result.records))
+        _remove_stale_shards(target, split, keep=len(result.records))
     return results
 
 
 def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptions, scratch: str,
-                      target: OutputTarget, folder: str, max_samples: int, max_bytes: int | None,
+                      target: OutputTarget, max_samples: int, max_bytes: int | None,
                       window: int, corrupt_limit: int = 0) -> dict[str, SplitShards]:
     """Both passes, overlapped: chunks are encoded `window` at a time, in order; each shard is
     planned and handed to a worker to write as soon as its last sample is encoded, so writing runs
@@ -433,14 +429,14 @@ def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptio
     planners = {split: _ShardPlanner(max_samples, max_bytes) for split in splits}
 
     def write(split: str, shard: list[StoredSample]) -> None:
-        name = f"{folder}/{shard_name(split, len(writes[split]))}"
+        name = shard_name(split, len(writes[split]))
         writes[split].append(executor.submit(_write_shard, (name, shard, scratch, target)))
 
     skipped: dict[str, list[SkippedSample]] = {split: [] for split in splits}
     total = sum(len(v) for v in splits.values())
     keep_encoding()
     for i, (split, _, _) in enumerate(chunks):
-        records, bad = pending.popleft().result()  # chunks come back in order, whoever encoded them
+        records, bad = _result(pending.popleft())  # chunks come back in order, whoever encoded them
         skipped[split].extend(bad)
         if (n_bad := sum(map(len, skipped.values()))) > corrupt_limit:
             raise DataError(_too_many_corrupt(skipped, n_bad, total, corrupt_limit))
@@ -452,8 +448,17 @@ def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptio
         if i + 1 == len(chunks) or chunks[i + 1][0] != split:  # the split's last chunk
             if last := planners[split].finish():
                 write(split, last)
-    return {split: SplitShards([f.result() for f in writes[split]], geometry[split], skipped[split])
+    return {split: SplitShards([_result(f) for f in writes[split]], geometry[split], skipped[split])
             for split in splits}
+
+
+def _result(future: Future):
+    """A task's result; a worker's DataError without the remote traceback chained to it (the
+    message names the file, which is all the user needs)."""
+    try:
+        return future.result()
+    except DataError as e:
+        raise e from None
 
 
 def _too_many_corrupt(skipped: dict[str, list[SkippedSample]], count: int, total: int, limit: int) -> str:
@@ -464,24 +469,10 @@ def _too_many_corrupt(skipped: dict[str, list[SkippedSample]], count: int, total
             f"allows ({limit}); fix or remove them, or raise data.max_corrupt_fraction to skip them")
 
 
-def write_shards(
-    samples: list[Sample], out_dir: str | Path, split: str, max_samples: int, image_format: str,
-    max_bytes: int | None = None, workers: int = 1,
-) -> list[dict]:
-    """Write `<split>-%06d.tar` shards into `out_dir`; return {name, samples, bytes, sha256} each."""
-    out_dir = Path(out_dir)
-    result = write_dataset_shards(
-        {split: samples}, OutputTarget.parse(out_dir.parent), max_samples=max_samples, max_bytes=max_bytes,
-        options=EncodeOptions(image_format), workers=workers, folder=out_dir.name,
-    )[split]
-    return [{**r, "name": Path(r["name"]).name} for r in result.records]
-
-
-def _remove_stale_shards(target: OutputTarget, folder: str, split: str, keep: int) -> None:
+def _remove_stale_shards(target: OutputTarget, split: str, keep: int) -> None:
     """Delete shards of `split` left by an earlier, larger run, so the folder matches the manifest."""
-    pattern = re.compile(rf"^{re.escape(folder)}/{re.escape(split)}-(\d{{6}})\.tar$")
-    for name in target.list(folder):
+    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.tar$")
+    for name in target.list():
         match = pattern.match(name)
         if match and int(match.group(1)) >= keep:
             target.delete(name)
-

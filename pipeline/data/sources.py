@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data.manifest import DataError
+from pipeline.data.errors import DataError
 
 FOLDER_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 # PIL modes that hold one intensity per pixel; everything else is treated as colour

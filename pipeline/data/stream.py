@@ -27,258 +27,29 @@ replacement from a generator seeded by (seed, epoch, stream); the epoch length i
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
 import math
 import os
 import random
-import subprocess
+import signal
 import time
-import urllib.request
-import zlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, load_manifest
+from pipeline.data.errors import DataError
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.shard_format import ImageRefused, ShardSample, decode_image, read_shard
+from pipeline.data.storage import open_url
+from pipeline.launch.lifetime import die_with_parent
+from pipeline.memory import tune_malloc
 
-_CHUNK = 1 << 20
 _PREFETCH = 2  # batches each loader worker keeps in flight (the DataLoader's prefetch_factor)
-
-
-# --------------------------------------------------------------------------- opening shard URLs
-
-
-def open_url(url: str):
-    """A readable binary stream for a local path, file://, http(s)://, s3:// or pipe:<command> URL."""
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
-        return _PipeStream(proc, url)
-    if url.startswith(("http://", "https://")):
-        try:
-            return urllib.request.urlopen(url, timeout=60)
-        except OSError as e:
-            raise DataError(f"{url}: cannot open ({e})") from None
-    if url.startswith("s3://"):
-        from pipeline.data.storage import s3_client
-
-        bucket, _, key = url[5:].partition("/")
-        try:
-            client = s3_client()  # one per process, from the usual AWS_* environment variables
-        except DataError as e:
-            raise DataError(f"{url}: {e}") from None
-        try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as e:  # botocore's ClientError and connection errors
-            raise DataError(f"{url}: cannot open ({e})") from None
-    path = url[7:] if url.startswith("file://") else url
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{url}: cannot open shard ({e.strerror})") from None
-
-
-class _PipeStream(io.RawIOBase):
-    def __init__(self, proc: subprocess.Popen, url: str):
-        self.proc, self.url = proc, url
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.proc.stdout.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.proc.stdout.close()
-            code = self.proc.wait()
-            super().close()
-            if code != 0:
-                raise DataError(f"{self.url}: command exited with status {code}")
-
-
-class _HashingReader:
-    """Reads from a raw stream while counting and hashing the bytes (verification costs no extra I/O)."""
-
-    def __init__(self, raw):
-        self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
-
-    def read(self, n: int) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.nbytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read to the end (tar readers stop at the end-of-archive marker, before the padding)."""
-        while self.read(_CHUNK):
-            pass
-
-
-_ZERO_BLOCK = bytes(512)
-_ADLER_MOD = 65521
-
-
-def _octal(field: bytes) -> int:
-    """A tar numeric field: octal digits ended by NUL or space, or GNU base-256 (sizes >= 8 GiB)."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.rstrip(b"\0 ") or b"0", 8)  # the usual "0000644\0"; int() skips leading spaces
-    except ValueError:
-        text = field.split(b"\0", 1)[0].strip()  # digits, then a NUL, then anything
-        return int(text, 8) if text else 0
-
-
-def _header_ok(header: bytes) -> bool:
-    """Whether the header's bytes, its checksum field read as eight spaces, sum to the stored checksum.
-
-    Adler-32's low half is (1 + the byte sum) mod 65521, computed in C: ~20x cheaper than Python's
-    `sum()` over 512 bytes, which cost ~9 us per sample (two members) on MNIST-sized images. A header
-    sums to at most 512 x 255 = 130,560, so a damaged header passes only if its sum moved by exactly
-    65,521; the shard's sha256, checked when the shard ends, catches any damage regardless.
-    """
-    field = header[148:156]
-    spaced = ((zlib.adler32(header) & 0xFFFF) - sum(field) + 256) % _ADLER_MOD  # 1 + the spaced sum
-    return spaced == (1 + _octal(field)) % _ADLER_MOD
-
-
-def _fill(f, buf: bytes, need: int, chunk: int) -> bytes:
-    """`buf` followed by reads of at least `chunk` bytes from `f` until it holds `need` bytes or `f`
-    ends (streams may read short). A lone read comes back as it is, not copied."""
-    parts, have = ([buf] if buf else []), len(buf)
-    while have < need:
-        more = f.read(max(chunk, need - have))
-        if not more:
-            break
-        parts.append(more)
-        have += len(more)
-    return parts[0] if len(parts) == 1 else b"".join(parts)  # b"" when nothing was read
-
-
-def tar_members(f, name: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of every regular file in a tar stream: ustar, pax and GNU long names.
-
-    Ours rather than `tarfile`: it is ~20x faster per member (half of the loader's time went to
-    tarfile's header parsing), it checks every header's checksum, and it never ends silently: a
-    stream that stops before the end-of-archive marker is an error. It reads `f` in large chunks
-    and slices members out of them: per-member `read` calls cost more than parsing the header.
-    """
-    buf, off = b"", 0
-    long_name: bytes | None = None
-    pax_path: bytes | None = None
-    while True:
-        if len(buf) - off < 512:
-            # a fresh chunk; a header cut by the chunk's end is completed with an exact read, so
-            # a chunk is never copied into a bigger buffer
-            buf, off = _fill(f, buf[off:], 512, _CHUNK if off == len(buf) else 0), 0
-            if len(buf) < 512:
-                raise DataError(f"{name}: tar ends without its end-of-archive marker (truncated)")
-        header = buf[off:off + 512]
-        if header == _ZERO_BLOCK:
-            return
-        try:
-            ok = _header_ok(header)
-            size = _octal(header[124:136])
-        except ValueError:
-            ok = False
-        if not ok:
-            raise DataError(f"{name}: damaged tar header (checksum mismatch)")
-        end = off + 512 + size
-        padded = end + (-size % 512)
-        if len(buf) < padded:  # the member runs past the chunk: read exactly the rest of it
-            buf, end, padded, off = _fill(f, buf[off:], padded - off, 0), end - off, padded - off, 0
-            if len(buf) < padded:
-                what = "member" if len(buf) < end else "padding"
-                raise DataError(f"{name}: tar {what} cut short (truncated)")
-        data = buf[off + 512:end]
-        off = padded
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name of the next member
-            long_name = data.rstrip(b"\0")
-            continue
-        if kind == b"x":  # pax extended header of the next member
-            for record in data.split(b"\n"):
-                key, _, value = record.partition(b" ")[2].partition(b"=")
-                if key == b"path":
-                    pax_path = value
-            continue
-        if kind not in (b"0", b"\0", b"7"):  # global headers, directories, links: not samples
-            long_name = pax_path = None
-            continue
-        member = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if prefix:
-                member = prefix + b"/" + member
-        member = pax_path or long_name or member
-        long_name = pax_path = None
-        yield member.decode("utf-8"), data
-
-
-def read_shard(url: str, record: dict, name: str) -> Iterator[dict]:
-    """Samples {"__key__", "__shard__", <ext>: bytes} of one shard, verified against its manifest record."""
-    raw = open_url(url)
-    reader = _HashingReader(raw)
-    count = 0
-    try:
-        current: dict | None = None
-        key = None
-        try:
-            for fname, data in tar_members(reader, name):
-                base, _, ext = fname.rpartition(".")
-                if not base:
-                    raise DataError(f"{name}: member {fname!r} has no extension")
-                if base != key:
-                    if current is not None:
-                        _check_sample(current, name)
-                        count += 1
-                        yield current
-                    current, key = {"__key__": base, "__shard__": name}, base
-                ext = ext.lower()
-                if ext in current:
-                    raise DataError(f"{name}: sample {base!r} has two .{ext} members")
-                current[ext] = data
-        except DataError:
-            raise
-        except Exception as e:  # OS errors, bad octal fields from a damaged or cut stream
-            raise DataError(f"{name}: cannot read shard ({type(e).__name__}: {e})") from None
-        if current is not None:
-            _check_sample(current, name)
-            count += 1
-            yield current
-        reader.drain()
-    finally:
-        raw.close()
-    if reader.nbytes != record["bytes"]:
-        raise DataError(f"{name}: read {reader.nbytes} bytes but the manifest records {record['bytes']} "
-                        "(truncated or rewritten; re-run prepare)")
-    if reader.sha.hexdigest() != record["sha256"]:
-        raise DataError(f"{name}: sha256 {reader.sha.hexdigest()[:12]}... differs from the manifest's "
-                        f"{record['sha256'][:12]}... (the shard changed after prepare)")
-    if count != record["samples"]:
-        raise DataError(f"{name}: read {count} samples but the manifest records {record['samples']}")
-
-
-_IMAGE_KEYS = IMAGE_SUFFIXES + ("jpeg",)
-
-
-def _check_sample(sample: dict, shard: str) -> None:
-    if "cls" in sample:
-        for ext in _IMAGE_KEYS:
-            if ext in sample:
-                return
-    fields = sorted(k for k in sample if not k.startswith("__"))
-    raise DataError(f"{shard}: sample {sample['__key__']!r} lacks an image or its .cls label (has {fields}); "
-                    "image and label must share a key")
 
 
 # --------------------------------------------------------------------------- the plan of an epoch
@@ -351,9 +122,9 @@ def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, world_size: int,
 # --------------------------------------------------------------------------- one stream
 
 
-def _shuffled(items: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+def _shuffled(items: Iterator[ShardSample], bufsize: int, rng: random.Random) -> Iterator[ShardSample]:
     """A seeded shuffle buffer: each item comes out exactly once."""
-    buf: list[dict] = []
+    buf: list[ShardSample] = []
     for item in items:
         if len(buf) < bufsize:
             buf.append(item)
@@ -363,32 +134,6 @@ def _shuffled(items: Iterator[dict], bufsize: int, rng: random.Random) -> Iterat
         yield item
     rng.shuffle(buf)
     yield from buf
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """An encoded image, decoded (PIL raises on bytes that are not a readable image)."""
-    with io.BytesIO(data) as f:
-        image = Image.open(f)
-        image.load()
-    return image
-
-
-def _decode(sample: dict) -> Image.Image:
-    for ext in _IMAGE_KEYS:
-        if ext in sample:
-            return decode_image(sample[ext])
-    raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has no image")
-
-
-def _label(sample: dict, num_classes: int) -> int:
-    try:
-        label = int(sample["cls"])  # int() takes ASCII bytes and ignores surrounding whitespace
-    except ValueError:
-        raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has a non-integer label") from None
-    if not 0 <= label < num_classes:
-        raise DataError(f"{sample['__shard__']}: sample {sample['__key__']!r} has label {label}, "
-                        f"outside 0..{num_classes - 1}")
-    return label
 
 
 @dataclass
@@ -511,9 +256,11 @@ class _EpochDataset(IterableDataset):
         """
         return random.Random(f"{self.s.seed}:{self.epoch}:{sid}:{batch}:augment")
 
-    def _raw(self, plan: EpochPlan, sid: int) -> Iterator[dict]:
+    def _raw(self, plan: EpochPlan, sid: int) -> Iterator[ShardSample]:
+        s = self.s
         for i in plan.streams[sid]:
-            yield from read_shard(self.s.urls[i], self.s.records[i], self.s.names[i])
+            # checked against its record before its first sample comes out (see shard_format)
+            yield from read_shard(open_url(s.urls[i]), s.records[i], s.names[i], s.num_classes)
 
     def _stream(self, plan: EpochPlan, sid: int, pos: int, done: int, corrupt: int):
         s = self.s
@@ -537,17 +284,14 @@ class _EpochDataset(IterableDataset):
                                 f"after {done} of {plan.batches_per_stream} batches")
             for sample in burst:
                 pos += 1
-                label = _label(sample, s.num_classes)
                 try:
-                    image = _decode(sample)
-                except DataError:
-                    raise
-                except Exception:  # PIL's many decode errors: skip the sample, count it, maybe stop
+                    image = decode_image(sample.image)
+                except ImageRefused as e:  # undecodable or a bomb: skip the sample, count it, maybe stop
                     corrupt += 1
-                    corrupt_by_shard[sample["__shard__"]] = corrupt_by_shard.get(sample["__shard__"], 0) + 1
+                    corrupt_by_shard[sample.shard] = corrupt_by_shard.get(sample.shard, 0) + 1
                     if corrupt > plan.allowance[sid]:
                         raise DataError(
-                            f"{sample['__shard__']}: sample {sample['__key__']!r} does not decode; {corrupt} "
+                            f"{sample.shard}: sample {sample.key!r} .{sample.image_suffix} {e.reason}; {corrupt} "
                             f"corrupt image(s) in this stream exceed the allowed fraction {s.max_corrupt_fraction} "
                             f"({plan.allowance[sid]} of {plan.stream_samples[sid]})"
                         ) from None
@@ -557,8 +301,8 @@ class _EpochDataset(IterableDataset):
                     out[len(labels)] = pixels  # straight into shared memory: the batch's only copy
                 else:
                     images.append(pixels)
-                labels.append(label)
-                keys.append(f"{sample['__shard__']}/{sample['__key__']}")
+                labels.append(sample.label)
+                keys.append(f"{sample.shard}/{sample.key}")
                 if len(labels) == s.micro_batch:
                     done += 1
                     batch = {"labels": np.asarray(labels, dtype=np.int64), "keys": keys, "stream": sid,
@@ -604,11 +348,6 @@ def _init_worker(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to their rank, which checkpoints and then stops them; die
     with their rank (not 5 s later, when DataLoader's watchdog would notice); and keep freed image
     buffers for reuse (see pipeline/memory.py; inherited on fork, set again here)."""
-    import signal
-
-    from pipeline.launch.lifetime import die_with_parent
-    from pipeline.memory import tune_malloc
-
     tune_malloc()
     die_with_parent()
 
@@ -660,8 +399,6 @@ class TrainStream:
             if free is not None and free < need:
                 # a full /dev/shm makes a worker die of SIGBUS mid-epoch: say so now, and keep going
                 # the slow way (batches pickled through the workers' queues)
-                import warnings
-
                 warnings.warn(f"loader: the shared batch buffers need {_size(need)} but /dev/shm has "
                               f"{_size(free)} free; handing batches over through the worker queues "
                               "instead (slower). In a container, raise it (docker run --shm-size=8g).", stacklevel=2)

@@ -18,8 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.loader import eval_batches
+from pipeline.data.eval_stream import eval_batches
 from pipeline.data.manifest import Manifest
+from pipeline.tables import format_table
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_L2 = 2.0**10  # big_vision's default l2_reg for its few-shot evaluator
@@ -101,11 +102,9 @@ def fewshot_eval(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     return out
 
 
-def format_table(per_shot: dict, num_classes: int, seeds: int) -> str:
+def fewshot_table(per_shot: dict, num_classes: int, seeds: int) -> str:
     """The result of `fewshot_eval` as a plain-text table."""
-    lines = [f"few-shot linear evaluation: ridge on class-token features, {num_classes} classes "
-             f"(chance {1 / num_classes:.3f}), {seeds} seed(s)",
-             f"{'shots':>5}  {'val accuracy':>12}  {'std':>7}"]
-    for k, r in per_shot.items():
-        lines.append(f"{k:>5}  {r['accuracy_mean']:>12.4f}  {r['accuracy_std']:>7.4f}")
-    return "\n".join(lines)
+    rows = [{"shots": int(k), "val accuracy": r["accuracy_mean"], "std": r["accuracy_std"]} for k, r in per_shot.items()]
+    return (f"few-shot linear evaluation: ridge on class-token features, {num_classes} classes "
+            f"(chance {1 / num_classes:.3f}), {seeds} seed(s)\n"
+            + format_table(rows, {"val accuracy": ".4f", "std": ".4f"}))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, _device, _eval_mode, _hw, ort_session
+from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, _eval_mode, _hw, model_device, ort_session
 from pipeline.export.providers import (
     CPU, CUDA, GPU_PROVIDERS, TENSORRT, ResolvedProvider, check_session_providers, resolve_requested,
 )
@@ -283,7 +283,7 @@ def torch_candidate(model: nn.Module, mode: str, device: str, *, in_channels: in
         # onnxruntime-gpu runs on the GPU, this torch cannot: say so rather than compare across devices
         return Candidate("torch", mode, "cuda", ["torch-cuda"], lambda b: (lambda: None), info={"mode": mode},
                          error=f"this torch build ({torch.__version__}) has no CUDA: no PyTorch baseline on the GPU")
-    net = model if _device(model) == dev else copy.deepcopy(model).to(dev)
+    net = model if model_device(model) == dev else copy.deepcopy(model).to(dev)
     net.eval()
     forward_module = net
     error = None
@@ -478,7 +478,7 @@ def benchmark_torch(
 ) -> list[dict]:
     """PyTorch fp32 (eager or compile) on the model's device: one row per batch size."""
     with _eval_mode(model):
-        cand = torch_candidate(model, mode, _device(model).type, in_channels=in_channels, image_size=image_size)
+        cand = torch_candidate(model, mode, model_device(model).type, in_channels=in_channels, image_size=image_size)
         return measure([cand], batch_sizes, warmup=warmup, iterations=iterations, rounds=rounds, threads=threads)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import move_into_place
 from pipeline.export.onnx_file_checks import check_external_data
 from pipeline.export.providers import default_providers as usable_default_providers
 
@@ -78,7 +79,8 @@ def _fp32(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors are (the export's example input goes there too)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -144,8 +146,8 @@ def staged_file(path: str | os.PathLike):
         # The data file first, so the .onnx never points at weights that are not there yet.
         data = tmp_dir / f"{path.name}.data"
         if data.exists():
-            os.replace(data, parent / data.name)
-        os.replace(tmp, path)
+            move_into_place(data, parent / data.name)
+        move_into_place(tmp, path)
     except OSError as e:
         raise ExportError(f"{path}: writing the exported model failed: {e}") from e
     finally:
@@ -217,7 +219,7 @@ def export_onnx(
         raise ExportError(f"{path}: opset {opset} is below the exporter's native {EXPORTER_OPSET}; "
                           f"asking for it means a lossy down-conversion. Use opset >= {EXPORTER_OPSET}")
     net = _fp32(model)
-    example = torch.randn(EXAMPLE_BATCH, in_channels, h, w, device=_device(net))
+    example = torch.randn(EXAMPLE_BATCH, in_channels, h, w, device=model_device(net))
     with staged_file(path) as tmp:
         with _eval_mode(net), torch.no_grad(), _quiet_exporter():
             try:
@@ -393,7 +395,7 @@ def onnx_logits(session: Any, images: torch.Tensor | np.ndarray, batch_size: int
 def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """`model`'s fp32 logits for `images` (N, C, H, W), in batches, as float32 (N, classes)."""
     net = _fp32(model)
-    device = _device(net)
+    device = model_device(net)
     images = images.detach().to(torch.float32).cpu()
     with _eval_mode(net):
         out = [net(images[i : i + batch_size].to(device)).float().cpu().numpy() for i in range(0, len(images), batch_size)]

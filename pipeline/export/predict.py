@@ -4,7 +4,7 @@ MODEL is a model.onnx (preprocessing from model.onnx.json beside it, else from t
 metadata_props), a weights pair (model.safetensors / model.json / their folder, run in PyTorch),
 a folder holding either, or a registry URI ``models:/<name>/<version>`` (the metadata logged
 with it). Every form goes through the one image transform training and evaluation use
-(`pipeline.data.loader.make_transform`: to L or RGB, bicubic resize, /255, (x - mean) / std), so
+(`pipeline.data.transforms.make_transform`: to L or RGB, bicubic resize, /255, (x - mean) / std), so
 the same image gives the same input tensor whichever form is asked.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.loader import make_transform
+from pipeline.data.transforms import make_transform
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
+from pipeline.run_layout import ONNX_FILE, WEIGHTS_FILE
 from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 
 SUPPORTED_RESIZE = ("bicubic",)
@@ -143,7 +144,7 @@ def load_predictor(model: str | Path, providers: Sequence[str] | None = None) ->
         return _registry_predictor(text)
     path = Path(model)
     if path.is_dir():
-        for candidate in ("model.onnx", "model.safetensors"):
+        for candidate in (ONNX_FILE, WEIGHTS_FILE):
             if (path / candidate).is_file():
                 path = path / candidate
                 break

@@ -1,4 +1,7 @@
-"""Run a training job as N local processes with torchrun (one per GPU, or gloo ranks on CPU)."""
+"""Start N local processes of a program with torchrun (one per GPU, or gloo ranks on CPU).
+
+Knows how to start and stop processes, not what they run: the caller names the module and its
+arguments (the stage layer passes the training worker and its job file)."""
 
 from __future__ import annotations
 
@@ -38,22 +41,24 @@ def worker_env(nprocs: int) -> dict[str, str]:
     return env
 
 
-def torchrun_command(nprocs: int, job_path: Path, max_restarts: int = 0) -> list[str]:
-    """The torchrun command line for one node with `nprocs` ranks (rendezvous on a free local port)."""
+def standalone_torchrun_command(nprocs: int, module_args: list[str], max_restarts: int = 0) -> list[str]:
+    """torchrun for this machine alone (``--standalone``: rendezvous on a free local port), running
+    ``python -m <module_args...>`` as `nprocs` ranks. (`targets.torchrun_command` is one node of a
+    multi-node job.)"""
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={nprocs}", f"--max-restarts={max_restarts}",
-        "-m", "pipeline.train.worker", "--job", str(job_path),
+        "-m", *module_args,
     ]
 
 
-def launch_local(job_path: Path, nprocs: int, log_path: Path, max_restarts: int = 0) -> None:
-    """Run the job on `nprocs` local ranks; output goes to the console and to `log_path`.
+def launch_local(module_args: list[str], nprocs: int, log_path: Path, max_restarts: int = 0) -> None:
+    """Run ``python -m <module_args...>`` as `nprocs` local ranks; output goes to the console and to `log_path`.
 
     With `max_restarts`, torchrun restarts every rank after one fails; they resume from the newest
     committed checkpoint (a restarted rank cannot rejoin a running ZeRO group on its own).
     """
-    cmd = torchrun_command(nprocs, job_path, max_restarts)
+    cmd = standalone_torchrun_command(nprocs, module_args, max_restarts)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         # torchrun dies with this process (and each rank with torchrun: pipeline.train.worker), so a

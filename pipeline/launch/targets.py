@@ -1,7 +1,8 @@
 """Describe one training job and render it for a launcher: local, torchrun, SLURM, Kubernetes, DeepSpeed.
 
-Every multi-node target runs the same per-rank program, ``python -m pipeline.launch.entry <recipe>
-[overrides] --workdir D --stage pretrain``, under a launcher that starts one agent per node:
+Every multi-node target runs the same per-rank program, ``python -m <spec.worker_module> --job
+<workdir>/<stage>/job.json`` (the training worker, reading the typed job the orchestrator wrote
+once; this module names it but never imports it), under a launcher that starts one agent per node:
 
   local     ``vitpipe pretrain`` with ``pretrain.ranks = nodes x gpus_per_node`` on this machine
   torchrun  one ``torchrun`` command per node (c10d or static rendezvous at host:port)
@@ -16,7 +17,6 @@ Rendering is pure (a `JobSpec` in, text or argv out); `submit` and the status/lo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import re
@@ -28,8 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from pipeline.atomic import write_json
+from pipeline.run_layout import JOB_FILE, RESULT_FILE, TRAIN_LOG, RunLayout
+
 TARGETS = ("local", "torchrun", "slurm", "k8s", "hostfile")
-ENTRY_MODULE = "pipeline.launch.entry"
+# The command each target hands the job to (checked before anything is written or submitted).
+SUBMIT_TOOLS = {"torchrun": "torchrun", "slurm": "sbatch", "k8s": "kubectl", "hostfile": "deepspeed"}
 DEFAULT_RDZV_PORT = 29500
 # The port the Kubeflow training operator looks for (by this name) on the Master container.
 K8S_MASTER_PORT = 23456
@@ -105,6 +109,8 @@ class JobSpec:
     """Environment for the ranks (MLflow, object storage); see `passthrough_env`."""
     k8s_secret: str = "vitpipe-s3"
     """Kubernetes Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    worker_module: str = "pipeline.train.worker"
+    """The per-rank program, run as ``python -m <worker_module> --job <job file>``."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -139,12 +145,23 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def entry_args(spec: JobSpec) -> list[str]:
+def rank_workdir(spec: JobSpec, target: str) -> str:
+    """The run folder as the ranks see it: the shared filesystem's absolute path, or for k8s the
+    mount point of the shared volume (a relative workdir is mounted under /workspace)."""
+    if target == "k8s":
+        workdir = str(Path(spec.workdir))
+        return workdir if workdir.startswith("/") else f"/workspace/{workdir}"
+    return str(Path(spec.workdir).resolve())
+
+
+def job_file(spec: JobSpec, target: str) -> str:
+    """The job file the ranks read (written by the orchestrator before it submits)."""
+    return str(RunLayout(Path(rank_workdir(spec, target))).stage(spec.stage) / JOB_FILE)
+
+
+def worker_args(spec: JobSpec, target: str) -> list[str]:
     """Arguments after ``-m`` for the per-rank program (the same on every node)."""
-    args = [ENTRY_MODULE, spec.recipe, *spec.overrides, "--workdir", spec.workdir, "--stage", spec.stage]
-    if spec.manifest:
-        args += ["--manifest", spec.manifest]
-    return args
+    return [spec.worker_module, "--job", job_file(spec, target)]
 
 
 def require_tool(name: str) -> str:
@@ -168,9 +185,11 @@ def local_command(spec: JobSpec) -> list[str]:
 # --------------------------------------------------------------------------- torchrun
 
 
-def torchrun_command(spec: JobSpec, node_rank: int | str, endpoint: str | None = None,
-                     rdzv_id: str | None = None, nnodes: str | int | None = None) -> list[str]:
-    """The launcher command for one node; `node_rank`/`endpoint` may be shell expressions (SLURM)."""
+def node_torchrun_command(spec: JobSpec, node_rank: int | str, endpoint: str | None = None,
+                          rdzv_id: str | None = None, nnodes: str | int | None = None,
+                          target: str = "torchrun") -> list[str]:
+    """torchrun for one node of a multi-node job; `node_rank`/`endpoint` may be shell expressions
+    (SLURM). (`local.standalone_torchrun_command` is a job on this machine alone.)"""
     endpoint = endpoint or spec.rdzv_endpoint
     if endpoint is None:
         raise SubmitError("the torchrun target needs --rdzv host:port (the address of node 0, reachable from every node)")
@@ -183,7 +202,7 @@ def torchrun_command(spec: JobSpec, node_rank: int | str, endpoint: str | None =
         cmd += ["--rdzv_backend=static", f"--master_addr={host}", f"--master_port={port}"]
     else:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or spec.name}"]
-    return cmd + ["-m", *entry_args(spec)]
+    return cmd + ["-m", *worker_args(spec, target)]
 
 
 def render_torchrun(spec: JobSpec, node_rank: int | None = None) -> str:
@@ -192,7 +211,7 @@ def render_torchrun(spec: JobSpec, node_rank: int | None = None) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV)
     lines = []
     for r in ranks:
-        cmd = shlex.join(torchrun_command(spec, r))
+        cmd = shlex.join(node_torchrun_command(spec, r))
         lines += [f"# node {r} of {spec.nodes}", f"{env} {cmd}" if env else cmd]
     return "\n".join(lines) + "\n"
 
@@ -227,8 +246,8 @@ def slurm_script(spec: JobSpec) -> str:
         sb.append(f"--account={spec.account}")
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV]
     # Node rank and endpoint are expanded on each node by the shell that srun starts there.
-    per_node = torchrun_command(spec, node_rank="$SLURM_NODEID", endpoint="$head_node:$rdzv_port",
-                                rdzv_id="$SLURM_JOB_ID", nnodes="$SLURM_NNODES")
+    per_node = node_torchrun_command(spec, node_rank="$SLURM_NODEID", endpoint="$head_node:$rdzv_port",
+                                     rdzv_id="$SLURM_JOB_ID", nnodes="$SLURM_NNODES", target="slurm")
     # No reliance on torchrun being on PATH: the interpreter the nodes use runs the launcher module.
     per_node = [spec.python, "-m", "torch.distributed.run", *per_node[1:]]
     inner = "exec " + " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in per_node)
@@ -283,16 +302,14 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
     resources: dict = {"requests": {"cpu": str(spec.cpus_per_task)}, "limits": {}}
     if spec.gpu:
         resources["limits"]["nvidia.com/gpu"] = str(spec.gpus_per_node)
-    workdir = str(Path(spec.workdir))
-    mount = workdir if workdir.startswith("/") else f"/workspace/{workdir}"
-    in_pod = dataclasses.replace(spec, workdir=mount)  # the ranks see the shared volume at `mount`
+    mount = rank_workdir(spec, "k8s")  # the ranks see the shared volume at `mount`
 
     def replica(count: int, master: bool) -> dict:
         container = {
             "name": "pytorch",  # the operator finds the training container by this name
             "image": spec.image,
             "imagePullPolicy": "IfNotPresent",
-            "command": ["torchrun", f"--max_restarts={spec.max_restarts}", "-m", *entry_args(in_pod)],
+            "command": ["torchrun", f"--max_restarts={spec.max_restarts}", "-m", *worker_args(spec, "k8s")],
             "env": _k8s_env(spec),
             "resources": copy.deepcopy(resources),  # no YAML anchors in the rendered manifest
             "volumeMounts": [{"name": "workdir", "mountPath": mount}, {"name": "dshm", "mountPath": "/dev/shm"}],
@@ -351,8 +368,8 @@ def deepspeed_command(spec: JobSpec) -> list[str]:
     """The DeepSpeed launcher: ssh (pdsh) to every host, start G ranks there running the entry module."""
     master = split_endpoint(spec.rdzv_endpoint)[0] if spec.rdzv_endpoint else (spec.hosts or ["localhost"])[0]
     port = split_endpoint(spec.rdzv_endpoint)[1] if spec.rdzv_endpoint else DEFAULT_RDZV_PORT
-    module, *args = entry_args(spec)
-    # --no_local_rank: the entry reads LOCAL_RANK from the environment, like under torchrun.
+    module, *args = worker_args(spec, "hostfile")
+    # --no_local_rank: the worker reads LOCAL_RANK from the environment, like under torchrun.
     return ["deepspeed", f"--hostfile={hostfile_path(spec)}", f"--num_nodes={spec.nodes}",
             f"--num_gpus={spec.gpus_per_node}", f"--master_addr={master}", f"--master_port={port}",
             "--module", "--no_local_rank", module, *args]
@@ -384,11 +401,7 @@ def render(spec: JobSpec, target: str, node_rank: int | None = None) -> str:
 
 
 def _record(spec: JobSpec, info: dict) -> None:
-    path = Path(spec.workdir) / "submit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    write_json(Path(spec.workdir) / "submit.json", info)
 
 
 def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
@@ -402,11 +415,11 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
         if node_rank is None and spec.nodes > 1:
             raise SubmitError("the torchrun target runs one node per call: pass --node-rank R on each node "
                               "(or --dry-run to print every node's command)")
-        require_tool("torchrun")
-        code = subprocess.call(torchrun_command(spec, node_rank or 0), env=env)
+        require_tool(SUBMIT_TOOLS[target])
+        code = subprocess.call(node_torchrun_command(spec, node_rank or 0), env=env)
         info = {"target": target, "name": spec.name, "node_rank": node_rank or 0, "exit": code}
     elif target == "slurm":
-        sbatch = require_tool("sbatch")
+        sbatch = require_tool(SUBMIT_TOOLS[target])
         script = workdir.resolve() / "logs" / f"{spec.name}.sbatch"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(slurm_script(spec))
@@ -419,13 +432,13 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
                 "output": out.replace("%x", spec.name).replace("%j", job_id),
                 "error": err.replace("%x", spec.name).replace("%j", job_id)}
     elif target == "k8s":
-        kubectl = require_tool("kubectl")
+        kubectl = require_tool(SUBMIT_TOOLS[target])
         proc = subprocess.run([kubectl, "apply", "-f", "-"], input=render_k8s(spec), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SubmitError(f"kubectl apply failed (exit {proc.returncode}): {proc.stderr.strip()}")
         info = {"target": target, "name": spec.name, "job_id": spec.name, "kubectl": proc.stdout.strip()}
     elif target == "hostfile":
-        deepspeed = require_tool("deepspeed")
+        deepspeed = require_tool(SUBMIT_TOOLS[target])
         path = hostfile_path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(deepspeed_hostfile(spec))
@@ -433,7 +446,7 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
         info = {"target": target, "name": spec.name, "hostfile": str(path), "exit": code}
     else:
         raise SubmitError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    info["workdir"] = str(workdir.resolve())
+    info["workdir"], info["stage"] = str(workdir.resolve()), spec.stage
     _record(spec, info)
     return info
 
@@ -444,8 +457,8 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
 def _resolve(ref: str) -> dict:
     """A job reference (a workdir with submit.json, or a bare SLURM job id) -> submission record."""
     path = Path(ref)
-    if (path / "submit.json").is_file():
-        return json.loads((path / "submit.json").read_text())
+    if (record := RunLayout(path).submit_record()).is_file():
+        return json.loads(record.read_text())
     if path.is_dir():
         return {"target": "local", "workdir": str(path.resolve())}
     if re.fullmatch(r"\d+(_\d+)?", ref):
@@ -495,7 +508,7 @@ def job_status(ref: str) -> dict:
         conditions = json.loads(proc.stdout).get("status", {}).get("conditions", [])
         state = next((c["type"] for c in reversed(conditions) if c.get("status") == "True"), "Created")
         return {**rec, "state": state, "conditions": conditions}
-    result = Path(rec["workdir"]) / "pretrain" / "result.json"
+    result = RunLayout(Path(rec["workdir"])).stage(rec.get("stage", "pretrain")) / RESULT_FILE
     if result.is_file():
         return {**rec, "state": "COMPLETED", "result": json.loads(result.read_text())}
     exit_code = rec.get("exit")
@@ -523,7 +536,7 @@ def job_logs(ref: str) -> str:
         if proc.returncode != 0:
             raise SubmitError(f"kubectl logs failed: {proc.stderr.strip()}")
         return proc.stdout
-    log = Path(rec["workdir"]) / "pretrain" / "train.log"
+    log = RunLayout(Path(rec["workdir"])).stage(rec.get("stage", "pretrain")) / TRAIN_LOG
     if not log.is_file():
         raise SubmitError(f"no log at {log}")
     return log.read_text(errors="replace")

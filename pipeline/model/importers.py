@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, validate_model
+from pipeline.model.config import ModelConfig, validate_model
+from pipeline.schema import ConfigError
 from pipeline.model.variants import SIZES, natural_stem_stride
 from pipeline.model.vit import build_model
 from pipeline.model.weights import FORMAT, META_NAME, WEIGHTS_NAME, save_weights_pair, weights_meta
@@ -414,13 +415,15 @@ def _drop_representation_layer(src: _Keys, pre_logits: Sequence[str], head: Sequ
 # -- Hugging Face transformers -----------------------------------------------------------------
 
 HF_ARCHITECTURES = ("ViTModel", "ViTForImageClassification")
+# The Hugging Face hub's (and timm hub folders') weights file name: theirs, equal to ours by chance.
+HUB_SAFETENSORS = "model.safetensors"
 
 
 def _hf_weights_files(folder: Path) -> list[Path]:
     """The weights files of an HF folder: model.safetensors, the shards its index lists, or pytorch_model.bin."""
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
+    index = folder / f"{HUB_SAFETENSORS}.index.json"
+    if (folder / HUB_SAFETENSORS).is_file():
+        return [folder / HUB_SAFETENSORS]
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -698,7 +701,7 @@ def detect_format(src: str | Path) -> str:
 
 
 def _timm_file(folder: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (HUB_SAFETENSORS, "pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name
     raise WeightsImportError(f"{folder}: timm folder without model.safetensors or pytorch_model.bin")

@@ -41,9 +41,6 @@ RESNET_BLOCKS: dict[int, tuple[int, ...]] = {
 # for ImageNet-size inputs; "small" is one 3x3 stride-1 conv for images of tens of pixels.
 ROOT_STRIDES: dict[str, int] = {"bit": 4, "small": 1}
 
-# Hybrid presets shipped as configs/model/<name>.yaml (any other valid hybrid name also decodes).
-HYBRID_PRESETS = ("vit-r50-b16", "vit-r50-l16", "vit-r26-s32", "vit-r8s-ti2")
-
 
 _NAME = re.compile(r"^vit-(?P<size>ti|s|b|l|h)(?P<patch>\d+)$")
 _HYBRID_NAME = re.compile(r"^vit-r(?P<rdepth>\d+)(?P<small>s?)-(?P<size>ti|s|b|l|h)(?P<stride>\d+)$")
@@ -69,11 +66,6 @@ def fold_stages(blocks: tuple[int, ...] | list[int], root: str, stride: int) -> 
     out = list(blocks[:keep])
     out[-1] += sum(blocks[keep:])
     return out
-
-
-def variant_names() -> list[str]:
-    """Every plain-ViT name `decode_variant` accepts, and the hybrid presets that ship as configs."""
-    return [f"vit-{s}{p}" for s in SIZES for p in PATCH_SIZES] + list(HYBRID_PRESETS)
 
 
 def _decode_hybrid(m: re.Match, name: str) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.model.variants import ROOT_STRIDES, natural_stem_stride
 
 if TYPE_CHECKING:  # only for annotations; keeps this module free of the config loader at runtime
-    from pipeline.config import ModelConfig
+    from pipeline.model.config import ModelConfig
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:

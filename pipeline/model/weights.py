@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, from_dict, validate_model
+from pipeline.atomic import atomic_path, write_text
+from pipeline.model.config import FINETUNE_MODEL_FIELDS, ModelConfig, validate_model
 from pipeline.model.pos_embed import INITS, transfer_pos_embed
 from pipeline.model.vit import VisionTransformer, build_model
+from pipeline.run_layout import WEIGHTS_FILE, WEIGHTS_META_FILE
+from pipeline.schema import from_dict
 
 FORMAT = "vitpipe.weights/1"
-WEIGHTS_NAME = "model.safetensors"
-META_NAME = "model.json"
+WEIGHTS_NAME = WEIGHTS_FILE  # the pair's file names are the run folder's (pipeline/run_layout.py)
+META_NAME = WEIGHTS_META_FILE
 REQUIRED_META = ("architecture", "image_size", "num_classes")
 
 
@@ -52,17 +55,6 @@ def weights_meta(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    # Temp name in the same directory so os.replace is a same-filesystem atomic rename.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_weights_pair(out_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     """Atomically write model.safetensors (fp32, contiguous) and then model.json into `out_dir`; return the .safetensors path."""
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -79,8 +71,9 @@ def save_weights_pair(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
-    _atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out_dir / META_NAME, lambda p: p.write_text(text + "\n"))
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out_dir / META_NAME, text + "\n")
     return weights
 
 
@@ -102,8 +95,8 @@ def _read_json(meta_path: Path) -> Any:
         raise ValueError(f"{meta_path}: not valid JSON: {e}") from None
 
 
-def read_weights_pair(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a weights pair from its directory, .safetensors or .json path -> (state_dict, meta)."""
+def _read_pair_meta(path: str | Path) -> tuple[Path, dict]:
+    """(weights file, meta) of a weights pair, its metadata checked; the tensors are not read."""
     weights, meta_path = _pair_paths(path)
     for p in (weights, meta_path):
         if not p.is_file():
@@ -115,6 +108,12 @@ def read_weights_pair(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"{meta_path}: metadata is missing {missing}")
+    return weights, meta
+
+
+def read_weights_pair(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a weights pair from its directory, .safetensors or .json path -> (state_dict, meta)."""
+    weights, meta = _read_pair_meta(path)
     try:
         state_dict = load_file(str(weights))
     except (SafetensorError, OSError) as e:
@@ -160,6 +159,44 @@ def _describe(shape: Optional[tuple[int, ...]]) -> str:
     return "absent" if shape is None else str(tuple(shape))
 
 
+def _check_stored_shapes(weights_file: Path, cfg: ModelConfig, meta: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every key and shape of the stored tensors must be those of the stored architecture at the
+    stored resolution and classes (a ValueError listing the first differences otherwise)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        stored = build_model(cfg, tuple(int(s) for s in meta["image_size"]), int(meta["num_classes"]))
+    expected = {k: tuple(v.shape) for k, v in stored.state_dict().items()}
+    problems = [
+        f"{k}: checkpoint {_describe(shapes.get(k))}, model {_describe(expected.get(k))}"
+        for k in sorted(set(expected) | set(shapes))
+        if k not in shapes or k not in expected or tuple(shapes[k]) != expected[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise ValueError(
+            f"{weights_file}: weights do not match the architecture in its model.json "
+            f"(a checkpoint from another model?): {shown}"
+        )
+
+
+def check_weights_pair(path: str | Path) -> tuple[ModelConfig, dict]:
+    """What `model_from_pair` would refuse in the pair itself, found without reading or resampling
+    the tensors (only the safetensors header): not a pair, bad metadata, tensors that do not fit the
+    architecture. Returns (the stored ModelConfig, meta). For the orchestrating process, which must
+    fail before any rank starts but never needs the weights."""
+    weights, meta = _read_pair_meta(path)
+    try:
+        cfg = model_config_from_meta(meta)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: cannot read safetensors: {e}") from None
+    _check_stored_shapes(weights, cfg, meta, shapes)
+    return cfg, meta
+
+
 def model_from_pair(
     path: str | Path,
     image_size: int | Sequence[int] | None = None,
@@ -203,26 +240,12 @@ def model_from_pair(
         num_classes = len(class_names) if class_names is not None else stored_classes
     size = stored_size if image_size is None else image_size
 
+    # Every key and shape must be the stored architecture's (pos_embed: the *stored* grid's).
+    _check_stored_shapes(weights_file, cfg, meta, {k: tuple(v.shape) for k, v in state_dict.items()})
     # Built with the stored head so the checkpoint loads strictly; the head is swapped afterwards.
     model = build_model(cfg, size, stored_classes)
     p = model.patch_size
     old_grid = (stored_size[0] // p, stored_size[1] // p)
-
-    # Every key and shape must match, except pos_embed which must match the *stored* grid.
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    expected["pos_embed"] = (1, model.num_prefix_tokens + old_grid[0] * old_grid[1], cfg.width)
-    problems = [
-        f"{k}: checkpoint {_describe(tuple(state_dict[k].shape) if k in state_dict else None)}, "
-        f"model {_describe(expected.get(k))}"
-        for k in sorted(set(expected) | set(state_dict))
-        if k not in state_dict or k not in expected or tuple(state_dict[k].shape) != expected[k]
-    ]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-        raise ValueError(
-            f"{weights_file}: weights do not match the architecture in its model.json "
-            f"(a checkpoint from another model?): {shown}"
-        )
 
     if model.grid != old_grid or pos_embed_init in ("zeros", "reinit"):
         mode = meta.get("pos_embed_interp", cfg.pos_embed_interp)

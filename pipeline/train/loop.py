@@ -33,13 +33,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.atomic import write_json
-from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, from_dict, validate_model, validate_train
-from pipeline.data.augment import TrainTransform, mix_batch
-from pipeline.data.loader import eval_batches
+from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, from_dict
+from pipeline.data.eval_stream import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
+from pipeline.data.transforms import TrainTransform, mix_batch
 from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
+from pipeline.run_layout import CHECKPOINTS_DIR, LOSSES_FILE, RESULT_FILE
 from pipeline.track import tracker_for_rank
 from pipeline.train import checkpoints
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
@@ -49,8 +50,6 @@ from pipeline.train.param_groups import optimizer_param_groups
 from pipeline.train.preemption import REQUEUE_EXIT, Preemption
 from pipeline.train.schedule import lr_factor
 
-RESULT_FILE = "result.json"
-LOSSES_FILE = "losses.jsonl"
 PREEMPTED_FILE = "preempted.json"
 
 
@@ -63,14 +62,16 @@ class Preempted(SystemExit):
 
 @dataclass
 class TrainJob:
-    """Everything one training stage needs; serialised to JSON and handed to every rank."""
+    """Everything one training stage needs: built once by the orchestrating process from validated
+    configs, written as JSON (`save`) and read by every rank (`load`, in pipeline.train.worker)."""
 
     stage: str
     """pretrain or finetune (names the run and the files)."""
-    model: dict
-    """ModelConfig fields (for fine-tuning, taken from the weights pair instead)."""
-    train: dict
-    """TrainConfig fields."""
+    model: ModelConfig
+    """The architecture to build; for fine-tuning, the weights pair's own with the recipe's
+    FINETUNE_MODEL_FIELDS on top (config.finetune_model_config)."""
+    train: TrainConfig
+    """The stage's settings."""
     manifest: str
     """Path of the shards' manifest.json."""
     out_dir: str
@@ -93,8 +94,12 @@ class TrainJob:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainJob":
-        """Read a job written by `save`."""
-        return cls(**json.loads(Path(path).read_text()))
+        """Read a job written by `save`: the configs come back typed, as the orchestrator had them
+        (checked again only for their types; the orchestrator validated their values)."""
+        data = json.loads(Path(path).read_text())
+        data["model"] = from_dict(ModelConfig, data["model"], prefix=f"{path}: model.")
+        data["train"] = from_dict(TrainConfig, data["train"], prefix=f"{path}: train.")
+        return cls(**data)
 
 
 # --------------------------------------------------------------------------- distributed set-up
@@ -124,7 +129,8 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _device() -> torch.device:
+def rank_device() -> torch.device:
+    """This rank's device: the CPU, or the accelerator of LOCAL_RANK."""
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
@@ -248,11 +254,11 @@ class Trainer:
     def __init__(self, job: TrainJob):
         self.job = job
         self.rank, self.world = init_distributed()
-        self.device = _device()
+        self.device = rank_device()
         self.tracker = tracker_for_rank(self.rank, job.tracking_uri, job.run_id)
-        self.t = from_dict(TrainConfig, dict(job.train))
+        self.t = job.train
         self.out_dir = Path(job.out_dir)
-        self.ckpt_root = self.out_dir / "checkpoints"
+        self.ckpt_root = self.out_dir / CHECKPOINTS_DIR
         self.manifest = load_manifest(job.manifest)
         self.preemption = Preemption()
         self.ema: WeightEMA | None = None
@@ -270,16 +276,16 @@ class Trainer:
         if job.init_from:
             # job.model is the weights' architecture with the recipe's fine-tune settings on top
             # (see config.finetune_model_config); the architecture itself is the weights'.
-            settings = {k: job.model[k] for k in FINETUNE_MODEL_FIELDS if k in job.model}
+            settings = {k: getattr(job.model, k) for k in FINETUNE_MODEL_FIELDS}
             model, meta = model_from_pair(job.init_from, image_size=t.image_size, num_classes=m.num_classes,
                                           class_names=m.class_names, settings=settings,
                                           pos_embed_init=t.pos_embed_init)
             mcfg = model_config_from_meta(meta)
         else:
-            mcfg = from_dict(ModelConfig, dict(job.model))
+            mcfg = job.model
             model, meta = build_model(mcfg, t.image_size, m.num_classes), None
-        validate_model(mcfg)
-        validate_train(t, mcfg, f"{job.stage}.")
+        # No validation here: the orchestrator validated the configs before writing the job
+        # (config.validate at load; the fine-tune stage against the weights' architecture).
         self.mcfg = mcfg
         self.norm = dict(image_size=t.image_size, in_channels=mcfg.in_channels, mean=mcfg.mean, std=mcfg.std)
         if meta is not None and not checkpoints.latest(self.ckpt_root):

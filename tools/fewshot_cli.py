@@ -8,8 +8,9 @@ from pathlib import Path
 from pipeline.atomic import write_json
 from pipeline.config import PipelineConfig
 from pipeline.data.manifest import load_manifest
-from pipeline.eval.fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_eval, format_table
+from pipeline.eval.fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_eval, fewshot_table
 from pipeline.model.weights import check_model_classes, model_from_pair
+from pipeline.run_layout import RunLayout
 
 
 def _shots(text: str) -> list[int]:
@@ -67,7 +68,7 @@ def run_eval_fewshot(args: argparse.Namespace, cfg: PipelineConfig, workdir: Pat
 
     if args.seeds < 1:
         raise ValueError(f"--seeds: need at least 1, got {args.seeds}")
-    weights = args.weights or workdir / "pretrain" / "model.safetensors"
+    weights = args.weights or RunLayout(workdir).weights("pretrain")  # the paper evaluates representations
     out = args.out or workdir / "eval" / "fewshot.json"
     result = run_fewshot(weights, manifest, args.shots, args.seeds, args.l2, args.batch)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,6 @@ def run_eval_fewshot(args: argparse.Namespace, cfg: PipelineConfig, workdir: Pat
         tracker.log_artifact(out)
     finally:
         tracker.finish()
-    print(format_table(result["shots"], result["num_classes"], args.seeds))
+    print(fewshot_table(result["shots"], result["num_classes"], args.seeds))
     print(f"-> {out}")
     return 0

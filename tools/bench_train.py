@@ -27,26 +27,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.atomic import write_json
+from pipeline.tables import format_table
 from pipeline.config import ModelConfig, TrainConfig, from_dict
 from pipeline.model.vit import build_model, flops_per_image, param_groups_for_weight_decay
+from pipeline.train.flops import measure_peak_tflops
 
 
 def matmul_peak_gflops(threads: int, size: int = 2048, seconds: float = 2.0) -> float:
-    """Best-of-three dense fp32 matmul GFLOP/s on `threads` threads."""
+    """Best-of-three dense fp32 matmul GFLOP/s on `threads` threads (train.flops measures it)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        for _ in range(2):
-            a @ b
-        best = 0.0
-        for _ in range(3):
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 3:
-                a @ b
-                n += 1
-            best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e9)
-        return best
+        return 1e3 * measure_peak_tflops(torch.device("cpu"), torch.float32, size, seconds, windows=3)
     finally:
         torch.set_num_threads(old)
 
@@ -128,7 +120,7 @@ def deepspeed_run(model_cfg: ModelConfig, t: TrainConfig, num_classes: int, npro
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
-               "-m", "pipeline.train.bench", "--worker", str(spec_path)]
+               "-m", "tools.bench_train", "--worker", str(spec_path)]
         proc = subprocess.run(cmd, env=worker_env(nprocs), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench train: ZeRO-{t.zero_stage} on {nprocs} rank(s) failed:\n{proc.stdout[-3000:]}")
@@ -161,21 +153,17 @@ def bench_train(model_cfg: ModelConfig, t: TrainConfig, num_classes: int, steps:
     }
 
 
-def format_table(r: dict) -> str:
+def bench_train_table(r: dict) -> str:
     """The figures a reader compares, as plain text."""
-    lines = [
-        f"matmul peak ({r['cores']} threads, fp32): {r['matmul_peak_gflops']:.1f} GFLOP/s; "
-        f"training FLOPs/image {r['flops_per_image'] / 1e9:.3f} G (3x forward)",
-        f"{'run':<34}{'step ms':>9}{'img/s':>9}{'MFU':>7}{'ratio':>9}",
-        f"{'plain PyTorch loop, 1 process':<34}{r['plain']['step_ms']:>9.1f}{r['plain']['images_per_s']:>9.1f}"
-        f"{r['plain']['mfu']:>7.2f}{'1.00':>9}",
-        f"{'vitpipe step (DeepSpeed ZeRO-0), 1':<34}{r['ours']['step_ms']:>9.1f}{r['ours']['images_per_s']:>9.1f}"
-        f"{r['ours']['mfu']:>7.2f}{r['ours']['ratio_to_plain']:>8.2f}x",
-    ]
-    for stage, z in r["zero"].items():
-        lines.append(f"{'ZeRO-%s, %d ranks (step time vs ZeRO-0)' % (stage, z['world_size']):<34}{z['step_ms']:>9.1f}"
-                     f"{z['images_per_s']:>9.1f}{'':>7}{z['step_time_vs_zero0']:>8.2f}x")
-    return "\n".join(lines)
+    rows = [{"run": "plain PyTorch loop, 1 process", "step ms": r["plain"]["step_ms"],
+             "img/s": r["plain"]["images_per_s"], "MFU": r["plain"]["mfu"], "ratio": 1.0},
+            {"run": "vitpipe step (DeepSpeed ZeRO-0), 1", "step ms": r["ours"]["step_ms"],
+             "img/s": r["ours"]["images_per_s"], "MFU": r["ours"]["mfu"], "ratio": r["ours"]["ratio_to_plain"]}]
+    rows += [{"run": f"ZeRO-{stage}, {z['world_size']} ranks (step time vs ZeRO-0)", "step ms": z["step_ms"],
+              "img/s": z["images_per_s"], "MFU": "", "ratio": z["step_time_vs_zero0"]} for stage, z in r["zero"].items()]
+    head = (f"matmul peak ({r['cores']} threads, fp32): {r['matmul_peak_gflops']:.1f} GFLOP/s; "
+            f"training FLOPs/image {r['flops_per_image'] / 1e9:.3f} G (3x forward)")
+    return head + "\n" + format_table(rows, {"step ms": ".1f", "img/s": ".1f", "MFU": ".2f", "ratio": ".2f"})
 
 
 def add_bench_train_parser(bench_sub) -> None:
@@ -197,7 +185,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     num_classes = 10
     result = bench_train(cfg.model, cfg.pretrain, num_classes, steps=args.steps, warmup=args.warmup, ranks=args.ranks)
-    print(format_table(result))
+    print(bench_train_table(result))
     write_json(args.out, result)
     return 0
 

@@ -35,9 +35,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-from pipeline.data.augment import TrainTransform
-from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, load_manifest
-from pipeline.data.stream import decode_image, tar_members, train_stream
+from pipeline.data.errors import DataError
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.shard_format import decode_image, read_samples
+from pipeline.data.stream import train_stream
+from pipeline.data.transforms import TrainTransform
+from pipeline.tables import format_table
 
 
 @dataclass
@@ -66,21 +69,10 @@ def _machine() -> dict:
     return {"cpu": model, "cores": cores, "python": platform.python_version()}
 
 
-def _iter_tar(stream) -> Iterator[tuple[str, str, bytes]]:
-    """(key, ext, bytes) of the members of a tar read as a stream, with the loader's own tar reader."""
-    for fname, data in tar_members(stream, getattr(stream, "name", "shard")):
-        base, _, ext = fname.partition(".")
-        yield base, ext, data
-
-
-def _samples_from(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, str, bytes, int]]:
-    """(key, image ext, image bytes, label) from a member stream (members of a key are contiguous)."""
-    for key, group in itertools.groupby(members, key=lambda m: m[0]):
-        parts = {ext: data for _, ext, data in group}
-        ext = next((e for e in IMAGE_SUFFIXES if e in parts), None)
-        if ext is None or "cls" not in parts:
-            raise DataError(f"sample {key!r}: lacks an image or .cls")
-        yield key, ext, parts[ext], int(parts["cls"])
+def _samples_from(stream, name: str = "shard") -> Iterator[tuple[str, str, bytes, int]]:
+    """(key, image ext, image bytes, label) of a tar read as a stream, by the loader's own reader."""
+    for sample in read_samples(stream, name):
+        yield sample.key, sample.image_suffix, sample.image, sample.label
 
 
 def _timed(n: int, items: Iterator, work: Callable | None = None) -> dict:
@@ -149,7 +141,7 @@ def _http_shard_samples(port: int, names: list[str]) -> Iterator[tuple[str, str,
     for name in names:
         conn, resp = _http_get_stream(port, f"/shards/{name}")
         try:
-            yield from _samples_from(_iter_tar(resp))
+            yield from _samples_from(resp, name)
         finally:
             conn.close()
 
@@ -176,7 +168,7 @@ def _http_file_samples(
 def _local_shard_samples(paths: list[Path]) -> Iterator[tuple[str, str, bytes, int]]:
     for path in paths:
         with open(path, "rb") as f:
-            yield from _samples_from(_iter_tar(f))
+            yield from _samples_from(f, path.name)
 
 
 def _folder_samples(root: Path, files: list[tuple[str, int]]) -> Iterator[tuple[str, str, bytes, int]]:
@@ -319,7 +311,7 @@ def bench_data(manifest_path: str | Path, settings: BenchSettings = BenchSetting
     }
 
 
-def format_table(result: dict) -> str:
+def report(result: dict) -> str:
     """The result as a plain-text table (images/s and ratios against the same run's baselines)."""
     r = result["results"]
     ceiling = r["ceiling"]["images_per_s"]
@@ -349,11 +341,10 @@ def format_table(result: dict) -> str:
          f"{_ratio(r['raw_http_shards']['images_per_s'], r['raw_http_per_image_new_connection']['images_per_s'])}"
          " x -> shards raw"),
     ]
-    width = max(len(name) for name, _, _ in rows)
     lines = [f"vitpipe bench data: {r['images_measured']} images, transform to {r['image_size']} px, "
              f"best of {r['repeats']} round(s), {result['machine']['cores']} core(s) {result['machine']['cpu']}",
-             f"{'measurement'.ljust(width)}  {'images/s':>10}  ratio"]
-    lines += [f"{name.ljust(width)}  {rate:>10,.0f}  {ratio}" for name, rate, ratio in rows]
+             format_table([{"measurement": name, "images/s": round(rate) if rate is not None else None, "ratio": ratio}
+                           for name, rate, ratio in rows])]
     lines += [f"loader error (workers={w}): {msg}" for w, msg in r.get("loader_errors", {}).items()]
     lines += [f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in result["targets"].items()]
     return "\n".join(lines)

@@ -1,33 +1,35 @@
 """`vitpipe shards verify|info <manifest>` and `vitpipe bench data <manifest>`.
 
-<manifest> is a local manifest.json or its folder, or a URL: ``s3://bucket/prefix[/manifest.json]``
-or ``http(s)://host/path[/manifest.json]`` (S3 credentials, region and endpoint from the usual AWS_*
-variables, AWS_ENDPOINT_URL included). Shards are read beside the manifest, through the same
-`stream.open_url` the training stream uses, and streamed: one sample is held in memory at a time.
+<manifest> is a local manifest.json or its folder, or a URL: ``s3://bucket/prefix[/manifest.json]``,
+``http(s)://host/path[/manifest.json]`` or ``pipe:<command> <path>`` (S3 credentials, region and
+endpoint from the usual AWS_* variables, AWS_ENDPOINT_URL included). Shards are read beside the
+manifest, through the same `storage.open_url` and `shard_format.read_shard` (in its collecting
+mode) the training stream uses, and streamed: one sample is held in memory at a time.
 (`pretrain.shard_base_url` moves where *training* reads shards from; these commands always check
 the shards beside the manifest.)
 
 verify re-reads every shard and reports *every* problem it finds (missing or resized shard, sha256,
 unreadable or truncated tar, a sample without an image or a .cls label, a label out of range, an
-image that does not decode, a duplicate key, a count that disagrees with the manifest), each named
-by shard and sample key; exit status 1 if there is any. A shard the server does not have (HTTP 404,
+image that does not decode or is a decompression bomb, a duplicate key, a link, an absolute or
+'..' member name, an empty member, a count that disagrees with the manifest), each named by shard
+and sample key; exit status 1 if there is any. A shard the server does not have (HTTP 404,
 S3 NoSuchKey) is reported as "shard is missing". info prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from pipeline.data.manifest import IMAGE_SUFFIXES, DataError, Manifest, is_url, load_manifest
+from pipeline.atomic import write_text
+from pipeline.data.errors import DataError, MissingObject
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.shard_format import ImageRefused, decode_image, image_size, read_shard
+from pipeline.data.storage import is_url, object_size, open_url
+from tools.bench_data import BenchSettings, bench_data, report
 
 
 @dataclass
@@ -43,125 +45,28 @@ class ShardScan:
     problems: list[str] = field(default_factory=list)
 
 
-class _CountingReader:
-    """Reads a shard's stream for tarfile while counting, and optionally hashing, every byte."""
-
-    def __init__(self, raw, hash_bytes: bool):
-        self.raw, self.nbytes = raw, 0
-        self.sha = hashlib.sha256() if hash_bytes else None
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.nbytes += len(data)
-        if self.sha is not None:
-            self.sha.update(data)
-        return data
-
-    def drain(self) -> None:
-        """Read to the end: tarfile stops at the end-of-archive blocks, before the record padding."""
-        while self.read(_CHUNK):
-            pass
-
-
-_CHUNK = 1 << 20
-
-
 def _open_shard(location: str):
     """(stream, None) for a readable shard, or (None, problem) when it is missing or cannot be opened."""
-    from pipeline.data.storage import MissingObject, url_size
-    from pipeline.data.stream import open_url  # imports torch; only the commands here need it
-
-    if not is_url(location) and not Path(location).is_file():
-        return None, "shard is missing"
     try:
         return open_url(location), None
+    except MissingObject:
+        return None, "shard is missing"
     except DataError as e:
         if is_url(location):
             try:
-                url_size(location)  # tells a missing object (404, NoSuchKey) from other failures
+                object_size(location)  # tells a missing object (404, NoSuchKey) from other failures
             except MissingObject:
                 return None, "shard is missing"
             except DataError:
                 pass
-        return None, str(e).removeprefix(f"{location}: ")  # "cannot open (<why>)"
-
-
-def _check_sample(scan: ShardScan, manifest: Manifest, key: str, parts: dict[str, bytes], decode: bool) -> list[str]:
-    """Problems of one sample (image, label, decoding); counts its label and image size into `scan`."""
-    where, problems = scan.name, []
-    image_ext = next((s for s in IMAGE_SUFFIXES if s in parts), None)
-    if image_ext is None:
-        problems.append(f"{where}: sample {key!r}: no image (.png or .jpg); it has {sorted(parts)}")
-    if "cls" not in parts:
-        problems.append(f"{where}: sample {key!r}: no .cls label")
-    else:
-        try:
-            label = int(parts["cls"].decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            problems.append(f"{where}: sample {key!r}: .cls is not an integer: {parts['cls'][:20]!r}")
-        else:
-            if not 0 <= label < manifest.num_classes:
-                problems.append(f"{where}: sample {key!r}: label {label} outside 0..{manifest.num_classes - 1}")
-            scan.labels[label] += 1
-    if image_ext is not None:
-        try:
-            with Image.open(io.BytesIO(parts[image_ext])) as im:
-                scan.sizes[im.size] += 1
-                if decode:
-                    im.load()
-        except Image.DecompressionBombError as e:  # refused before any pixel is decoded
-            problems.append(f"{where}: sample {key!r}: .{image_ext} is a decompression bomb ({e})")
-        except (OSError, SyntaxError, ValueError) as e:
-            problems.append(f"{where}: sample {key!r}: .{image_ext} does not decode ({e})")
-    return problems
-
-
-def _scan_members(reader: _CountingReader, manifest: Manifest, scan: ShardScan, decode: bool) -> list[str]:
-    """Stream the tar through `reader`, checking each sample as its members end; returns the problems.
-
-    Only one sample's members are held at a time, so a shard of any size streams in little memory.
-    Distinct sample keys go to `scan.keys`, in shard order.
-    """
-    from webdataset.tariterators import base_plus_ext  # the loader's grouping rule; imports torch
-
-    where, problems = scan.name, []
-    key, parts = None, {}
-    seen: set[str] = set()
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                name_key, suffix = base_plus_ext(member.name)
-                if name_key is None:
-                    problems.append(f"{where}: member {member.name!r} has no extension")
-                    continue
-                payload = tar.extractfile(member).read()
-                if len(payload) != member.size:
-                    problems.append(f"{where}: sample {name_key!r}: member {member.name!r} is truncated")
-                if name_key != key:
-                    if key is not None:
-                        problems += _check_sample(scan, manifest, key, parts, decode)
-                    if name_key in seen:  # webdataset would start a second sample with this key
-                        problems.append(f"{where}: sample {name_key!r}: members are not contiguous (duplicate key)")
-                    else:
-                        seen.add(name_key)
-                        scan.keys.append(name_key)
-                    key, parts = name_key, {}
-                parts[suffix.lower()] = payload
-    except (tarfile.TarError, OSError) as e:
-        problems.append(f"{where}: not a readable tar after {len(scan.keys)} sample(s) ({e})")
-    except Exception as e:  # a remote stream that breaks off (botocore/urllib3 errors are not OSErrors)
-        problems.append(f"{where}: reading failed after {len(scan.keys)} sample(s) ({type(e).__name__}: {e})")
-    if key is not None:
-        problems += _check_sample(scan, manifest, key, parts, decode)
-    return problems
+        return None, str(e).removeprefix(f"{location}: ")
 
 
 def scan_shard(manifest: Manifest, record: dict, check_hash: bool = True, decode: bool = True) -> ShardScan:
     """Stream one shard of `manifest` (a local file or a URL) and check it against its `record`.
 
-    Problems are collected, not raised: a missing shard, its size and sha256, then every sample's.
+    Problems are collected, not raised: a missing shard, its size and sha256, then every sample's
+    (by `shard_format.read_shard` in collect mode) and every image's that does not decode.
     """
     name = record["name"]
     scan = ShardScan(name)
@@ -169,25 +74,36 @@ def scan_shard(manifest: Manifest, record: dict, check_hash: bool = True, decode
     if stream is None:
         scan.problems.append(f"{name}: {problem}")
         return scan
-    reader = _CountingReader(stream, hash_bytes=check_hash)
-    try:
-        sample_problems = _scan_members(reader, manifest, scan, decode)
+    counted = _Counting(stream)
+    problems: list[str] = []
+    for sample in read_shard(counted, record, name, manifest.num_classes, problems=problems,
+                             check_hash=check_hash, keys=scan.keys):
+        scan.labels[sample.label] += 1
         try:
-            reader.drain()  # the rest of the file counts toward its size and sha256
-        except Exception as e:
-            sample_problems.append(f"{name}: reading failed after {reader.nbytes} bytes ({type(e).__name__}: {e})")
-    finally:
-        stream.close()
-    scan.bytes = reader.nbytes
-    if reader.nbytes != record["bytes"]:
-        scan.problems.append(f"{name}: size is {reader.nbytes} bytes but the manifest records {record['bytes']}")
-    if reader.sha is not None and (digest := reader.sha.hexdigest()) != record["sha256"]:
-        scan.problems.append(f"{name}: sha256 is {digest[:16]}... but the manifest records {record['sha256'][:16]}...")
-    scan.problems += sample_problems
+            scan.sizes[image_size(sample.image)] += 1
+            if decode:
+                decode_image(sample.image)
+        except ImageRefused as e:
+            problems.append(f"{name}: sample {sample.key!r}: .{sample.image_suffix} {e.reason}")
+    scan.problems += problems
     scan.samples = len(scan.keys)
-    if scan.samples != record["samples"]:
-        scan.problems.append(f"{name}: holds {scan.samples} samples but the manifest records {record['samples']}")
+    scan.bytes = counted.nbytes
     return scan
+
+
+class _Counting:
+    """A shard's stream, counting the bytes read from it (the summary's sizes)."""
+
+    def __init__(self, raw):
+        self.raw, self.nbytes = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.nbytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def scan_dataset(manifest: Manifest, check_hash: bool = True, decode: bool = True) -> dict[str, list[ShardScan]]:
@@ -295,8 +211,6 @@ def add_bench_data_parser(bench_sub) -> None:
 
 def run_bench_data(args: argparse.Namespace) -> int:
     """`vitpipe bench data`: run the benchmark, print the table, write the JSON."""
-    from pipeline.data.bench import BenchSettings, bench_data, format_table
-
     try:
         workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
     except ValueError:
@@ -304,8 +218,7 @@ def run_bench_data(args: argparse.Namespace) -> int:
     settings = BenchSettings(max_images=args.max_images, workers=workers, image_size=args.image_size,
                              batch=args.batch, repeats=args.repeats)
     result = bench_data(args.manifest, settings)
-    print(format_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(report(result))
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -6,7 +6,7 @@ No image set of that size ships with our dependencies except scikit-learn's two 
 usual resize), as a class-folder tree `out/photo0|photo1/NNNNN.jpg` that `prepare` reads with
 `data.source=folder`. Nothing is downloaded.
 
-    python -m pipeline.data.photo_crops /tmp/photos 2400
+    python -m tools.photo_crops /tmp/photos 2400
 """
 
 from __future__ import annotations

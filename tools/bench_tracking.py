@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import write_json
+from pipeline.tables import format_table
 from pipeline.config import TrackingConfig
 from pipeline.track import NullTracker, start_tracker, tracker_for_rank
 
@@ -129,14 +130,13 @@ def bench_tracking(rounds: int = 5, steps: int = 300, width: int = 512, batch: i
             "undelivered_on": left_on, "queued_in_outage": left_outage}
 
 
-def format_table(result: dict) -> str:
+def bench_tracking_table(result: dict) -> str:
     """The result as a plain-text table."""
+    rows = [{"candidate": name, "p50 ms": row["p50_ms"], "p99 ms": row["p99_ms"], "p50/off": row["p50_vs_off"],
+             "p99/off": row["p99_vs_off"]} for name, row in result["best_round"].items()]
+    three = {c: ".3f" for c in ("p50 ms", "p99 ms", "p50/off", "p99/off")}
     lines = [f"{result['steps_per_round']} steps x {result['rounds']} rounds, {result['metrics_per_step']} metrics "
-             f"logged per step; best round per candidate",
-             f"{'candidate':<10} {'p50 ms':>8} {'p99 ms':>8} {'p50/off':>8} {'p99/off':>8}"]
-    for name, row in result["best_round"].items():
-        lines.append(f"{name:<10} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['p50_vs_off']:>8.3f} "
-                     f"{row['p99_vs_off']:>8.3f}")
+             f"logged per step; best round per candidate", format_table(rows, three)]
     lines.append(f"on: {result['undelivered_on']} calls undelivered at the end (must be 0); outage: "
                  f"{result['queued_in_outage']} calls kept for the server's return")
     return "\n".join(lines)
@@ -156,7 +156,7 @@ def add_bench_tracking_parser(bench_sub) -> None:
 def run_bench_tracking(args: argparse.Namespace) -> int:
     """`vitpipe bench tracking`: run, print the table, write the JSON."""
     result = bench_tracking(rounds=args.rounds, steps=args.steps, width=args.width, batch=args.batch)
-    print(format_table(result))
+    print(bench_tracking_table(result))
     write_json(args.out, result)
     print(json.dumps({k: round(v["p99_vs_off"], 3) for k, v in result["best_round"].items()}))
     return 0

@@ -1,7 +1,9 @@
 """`vitpipe submit | status | logs`: describe a training job, hand it to a launcher, read it back.
 
 Hooked into the `vitpipe` command by `add_submit_parsers(sub)` in `build_parser` and by
-`dispatch_submit(args)` in `dispatch` (it returns None for commands it does not own).
+`dispatch_submit(args)` in `dispatch` (it returns None for commands it does not own). A tool over
+the layers: the stage layer builds and writes the job (`stages.submit`), `pipeline.launch` renders
+and submits it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.launch.targets import (TARGETS, JobSpec, SubmitError, job_logs, job_status, passthrough_env, render,
-                                     submit)
+from pipeline.launch.targets import (SUBMIT_TOOLS, TARGETS, JobSpec, SubmitError, job_logs, job_status,
+                                     passthrough_env, render, require_tool, submit)
 
 COMMANDS = ("submit", "status", "logs")
 
@@ -23,9 +25,10 @@ def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit", help="launch pre-training on N nodes: local, torchrun, SLURM, Kubernetes, DeepSpeed hostfile",
         description="Describe a pre-training job of nodes x gpus-per-node ranks and hand it to --target. Every "
-        "rank runs `python -m pipeline.launch.entry <recipe> [overrides] --workdir D`, which reads "
-        "<workdir>/prepare/manifest.json (run `vitpipe prepare` first) and writes <workdir>/pretrain/. "
-        "--dry-run prints exactly what would be submitted and exits.")
+        "rank runs `python -m pipeline.train.worker --job <workdir>/pretrain/job.json`, the job this command "
+        "writes from the recipe before it submits; the job reads <workdir>/prepare/manifest.json (run "
+        "`vitpipe prepare` first) and writes <workdir>/pretrain/. --dry-run prints exactly what would be "
+        "submitted and exits, writing nothing.")
     p.add_argument("recipe", help="recipe YAML (a path the nodes can read)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.steps=50")
     p.add_argument("--target", choices=TARGETS, default="local", help="where the job runs (default local)")
@@ -56,11 +59,11 @@ def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("job", help="SLURM job id or run folder")
 
 
-def spec_from_args(args: argparse.Namespace) -> JobSpec:
+def spec_from_args(args: argparse.Namespace, cfg=None) -> JobSpec:
     """The JobSpec of parsed `submit` arguments (the recipe is validated first)."""
     from pipeline.config import load_config
 
-    cfg = load_config(args.recipe, args.overrides)  # a typo fails here, before anything is submitted
+    cfg = cfg or load_config(args.recipe, args.overrides)  # a typo fails here, before anything is submitted
     workdir = args.workdir or Path("runs") / cfg.name
     name = args.name or "vitpipe-" + re.sub(r"[^a-z0-9-]+", "-", cfg.name.lower()).strip("-")
     return JobSpec(
@@ -75,10 +78,17 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 def run_submit(args: argparse.Namespace) -> int:
     """`vitpipe submit`: print (--dry-run) or submit; prints the job id for schedulers."""
-    spec = spec_from_args(args)
+    from pipeline.config import load_config
+    from stages.submit import write_submitted_job
+
+    cfg = load_config(args.recipe, args.overrides)
+    spec = spec_from_args(args, cfg)
     if args.dry_run:
         sys.stdout.write(render(spec, args.target, args.node_rank))
         return 0
+    if args.target != "local":  # the local target runs the stage command, which writes its own job
+        require_tool(SUBMIT_TOOLS[args.target])  # a missing scheduler fails first, before anything is written
+        write_submitted_job(cfg, spec, args.target)
     info = submit(spec, args.target, args.node_rank)
     if "job_id" in info:
         print(info["job_id"])

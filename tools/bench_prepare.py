@@ -19,9 +19,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.atomic import write_text
 from pipeline.config import DataConfig
-from pipeline.data.manifest import DataError, load_manifest, prepare_dataset
+from pipeline.data.errors import DataError
+from pipeline.data.manifest import load_manifest
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import default_workers
+from pipeline.tables import format_table
 
 
 def _ready(_: int) -> bool:
@@ -136,18 +140,18 @@ def bench_prepare(count: int, size: tuple[int, int], image_format: str, workers:
     }
 
 
-def format_table(result: dict) -> str:
+def report(result: dict) -> str:
     """The result as a plain-text table."""
     s = result["settings"]
     lines = [f"vitpipe bench prepare: {s['count']} synthetic {s['size'][0]}x{s['size'][1]} {s['image_format']} images, "
              f"best of {s['repeats']} round(s), {result['cores']} core(s)",
-             f"{'workers':>7}  {'seconds':>8}  {'images/s':>9}  {'speed-up':>8}  {'pool start':>10}  "
-             f"{'without start-up':>16}  {'encode-only, N processes':>24}  prepare vs that"]
-    for r in result["runs"]:
-        lines.append(f"{r['workers']:>7}  {r['seconds']:>8.2f}  {r['images_per_s']:>9,.0f}  "
-                     f"{r['speedup_vs_min_workers']:>6.2f} x  {r['pool_startup_s']:>8.2f} s  "
-                     f"{r['steady_speedup_vs_min_workers']:>14.2f} x  {r['compute_ceiling_images_per_s']:>17,.0f} img/s"
-                     f"  {r['vs_compute_ceiling']:>13.2f} x")
+             format_table([{"workers": r["workers"], "seconds": round(r["seconds"], 2),
+                            "images/s": round(r["images_per_s"]),
+                            "speed-up (x)": round(r["speedup_vs_min_workers"], 2),
+                            "pool start (s)": round(r["pool_startup_s"], 2),
+                            "without start-up (x)": round(r["steady_speedup_vs_min_workers"], 2),
+                            "encode-only, N processes (img/s)": round(r["compute_ceiling_images_per_s"]),
+                            "prepare vs that (x)": round(r["vs_compute_ceiling"], 2)} for r in result["runs"]])]
     base = result["runs"][0]
     for r in result["runs"][1:]:
         lines.append(f"encode-only scaling on this machine, {base['workers']} -> {r['workers']} processes: "
@@ -181,8 +185,8 @@ def run_bench_prepare(args: argparse.Namespace) -> int:
     if len(size) != 2:
         raise DataError(f"--size {args.size!r}: expected height,width")
     result = bench_prepare(args.count, size, args.image_format, workers, args.shard_max_samples, args.repeats)
-    print(format_table(result))
+    print(report(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
