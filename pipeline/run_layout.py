@@ -13,6 +13,7 @@ the rest of the package, so every layer may use it.
       finetune/    the same files as pretrain/
       export/      model.onnx  model.<variant>.onnx  model.onnx.json  variant_accuracy.png
       benchmark/   bench.json  bench.png
+      hybrid/      prepare/ (only if its data differ)  plain/seed<N>/  hybrid/seed<N>/  compare.json  compare.txt
       <stage>/stage.json   written last: the stage's record (stages/record.py)
 """
 
@@ -21,7 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark")
+STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark", "hybrid")
+# What `vitpipe run` does unless the recipe lists its stages: "hybrid" (a second recipe's
+# hybrid-vs-plain comparison under hybrid/, e.g. the demo's claim 3) runs only where a recipe asks.
+DEFAULT_STAGES = STAGES[:5]
 TRAINING_STAGES = ("pretrain", "finetune")
 
 # A weights pair: the consolidated fp32 tensors and the JSON that says how to build and feed them.
