@@ -112,6 +112,21 @@ def atomic_dir(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         _fsync_dir(path.parent)
 
 
+def move_into_place(src: str | Path, dest: str | Path, fsync: bool = True) -> Path:
+    """Rename the finished file `src` over `dest` (same filesystem), flushed first.
+
+    For writers that must pick their files' names themselves (ONNX's external data is found by
+    the name the model records), or to set a finished file aside (`x.onnx` -> `x.onnx.failed`).
+    """
+    src, dest = Path(src), Path(dest)
+    if fsync:
+        _fsync_file(src)
+    os.replace(src, dest)
+    if fsync:
+        _fsync_dir(dest.parent)
+    return dest
+
+
 def write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Path:
     """Write `data` to a unique temporary name beside `path`, then rename it into place."""
     path = Path(path)

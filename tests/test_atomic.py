@@ -73,3 +73,14 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(tmp_path):
         assert atomic.remove_leftovers(tmp_path) == left
         assert mine.exists()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["live"]
+
+
+def test_move_into_place_renames_a_finished_file_over_the_old_one(tmp_path):
+    from pipeline.atomic import move_into_place
+
+    (tmp_path / "model.onnx").write_bytes(b"old")
+    finished = tmp_path / "staging" / "model.onnx"
+    finished.parent.mkdir()
+    finished.write_bytes(b"new")
+    assert move_into_place(finished, tmp_path / "model.onnx") == tmp_path / "model.onnx"
+    assert (tmp_path / "model.onnx").read_bytes() == b"new" and not finished.exists()

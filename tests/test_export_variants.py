@@ -22,6 +22,7 @@ from pipeline.export.variants import variant_file
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import VisionTransformer
 from pipeline.model.weights import save_weights_pair, weights_meta
+from pipeline.run_layout import VARIANTS_PLOT
 from stages import export as export_stage
 
 MODEL = ModelConfig(patch_size=2, width=48, depth=2, heads=2, mlp_dim=96, in_channels=1, mean=[0.5], std=[0.5])
@@ -83,13 +84,17 @@ def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
 
 def test_every_variant_is_written_checked_and_described(exported):
     info, out, _ = exported
-    assert sorted(p.name for p in out.iterdir()) == sorted([variant_file(v) for v in ALL] + ["model.onnx.json", "stage.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([variant_file(v) for v in ALL]
+                                                           + ["model.onnx.json", VARIANTS_PLOT, "stage.json"])
     assert list(info["variants"]) == ALL
     v = info["variants"]
     depth = MODEL.depth
-    # The fused graph: one Attention per block, the residual+norm pairs fused, GELU fused with its bias.
-    assert v["optimized"]["fusions"] == {"Attention": depth, "BiasGelu": depth, "LayerNormalization": 1,
-                                         "SkipLayerNormalization": 2 * depth}
+    # The fused graph (CPU form): one Attention per block, each norm one LayerNormalization, GELU fused
+    # with its bias; the fp16 (GPU) graph fuses the residual adds into SkipLayerNormalization.
+    assert v["optimized"]["fusions"] == {"Attention": depth, "BiasGelu": depth, "LayerNormalization": 2 * depth + 1}
+    assert v["fp16"]["fusions"]["SkipLayerNormalization"] == 2 * depth
+    # The patch embedding is a MatMul (a plain patchify), so int8 dynamic has no (slow) ConvInteger.
+    assert "Conv" not in v["optimized"]["op_counts"] and "ConvInteger" not in v["int8_dynamic"]["op_counts"]
     assert "Attention" not in v["fp32"]["fusions"] and v["fp32"]["op_counts"].get("MatMul", 0) > 4 * depth
     assert v["fp16"]["fusions"]["Attention"] == depth
     assert v["int8_dynamic"]["fusions"]["QAttention"] == depth and v["int8_dynamic"]["fusions"]["MatMulInteger"] > 0
@@ -207,6 +212,29 @@ def test_fused_graph_of_the_hybrid_matches_pytorch():
         graph_builder.build_vit_graph(model, opset=18, dynamic_resolution=True)
 
 
+@pytest.mark.parametrize("skip_layer_norm", [False, True])
+def test_both_residual_norm_forms_match_pytorch(skip_layer_norm):
+    # CPU form (Add + LayerNormalization) and GPU form (SkipLayerNormalization): the same function.
+    model = tiny_vit(depth=3)
+    proto = graph_builder.build_vit_graph(model, opset=18, skip_layer_norm=skip_layer_norm)
+    x = torch.randn(4, 3, 16, 16)
+    assert np.abs(model(x).detach().numpy() - _session(proto).run(None, {"images": x.numpy()})[0]).max() < 1e-4
+    fused = graph_builder.fusions(proto)
+    assert fused.get("SkipLayerNormalization", 0) == (6 if skip_layer_norm else 0)
+    assert fused["LayerNormalization"] == (1 if skip_layer_norm else 7)
+
+
+@pytest.mark.parametrize("dynamic, patch_op", [(False, "MatMul"), (True, "Conv")])
+def test_patch_embedding_is_a_matmul_at_the_fixed_size(dynamic, patch_op):
+    # Fixed size: Reshape/Transpose into patches + MatMul; dynamic resolution keeps the Conv (any H, W).
+    model = tiny_vit()
+    proto = graph_builder.build_vit_graph(model, opset=18, dynamic_resolution=dynamic)
+    x = torch.randn(3, 3, 16, 16)
+    assert np.abs(model(x).detach().numpy() - _session(proto).run(None, {"images": x.numpy()})[0]).max() < 1e-4
+    first = next(n for n in proto.graph.node if n.op_type in ("MatMul", "Conv"))
+    assert first.op_type == patch_op and first.name.startswith("patch_embed")
+
+
 @pytest.mark.parametrize("kw, named", [
     (dict(class_token=False, global_pool="avg"), "global_pool='avg'"),
     (dict(fc_norm=True, global_pool="avg", class_token=False), "fc_norm"),
@@ -223,7 +251,7 @@ def test_fp16_without_fp32_io_takes_and_returns_fp16(tmp_path):
     from pipeline.export.precision import to_fp16
 
     model = tiny_vit()
-    half = to_fp16(graph_builder.build_vit_graph(model, opset=18), keep_io_types=False,
+    half = to_fp16(graph_builder.build_vit_graph(model, opset=18, skip_layer_norm=True), keep_io_types=False,
                    fp32_ops=["SkipLayerNormalization", "LayerNormalization"])
     path = export_graph(half, tmp_path / "m.onnx", image_size=16, in_channels=3, opset=18)
     session, _ = ort_session(path, providers=["CPUExecutionProvider"])

@@ -6,15 +6,26 @@ Why build it instead of exporting and optimizing: neither ``torch.onnx.export`` 
 24 SkipLayerNormalization, 12 BiasGelu on ViT-S). Our block layout is fixed and known, so the graph
 is written directly in the fused form onnxruntime runs fastest on CPU and CUDA:
 
-    images (B, C, H, W) -> [ResNet stem] -> Conv patch embed -> (B, N, D) -> Concat cls -> Add pos
-    per block:  LayerNormalization (first block only; later ones come out of the SkipLayerNorm below)
+    images (B, C, H, W) -> [ResNet stem] -> patch embed -> (B, N, D) -> Concat cls -> Add pos
+        (patch embed: Reshape/Transpose to patches + MatMul + bias at a fixed size (`_patch_matmul`);
+        the Conv for the hybrid's 1x1 projection and for dynamic resolution)
+    per block:  LayerNormalization (first block only; later ones follow each residual add below)
                 com.microsoft.Attention (fused qkv weights (D, 3D), one node: QK^T, softmax, V, heads)
-                MatMul proj -> com.microsoft.SkipLayerNormalization (residual + proj bias + norm2)
+                MatMul proj -> Add proj bias -> Add residual -> LayerNormalization norm2
                 MatMul fc1 -> com.microsoft.BiasGelu (exact erf GELU, as F.gelu) -> MatMul fc2
-                -> SkipLayerNormalization (residual + fc2 bias + next block's norm1 / the final norm)
+                -> Add fc2 bias -> Add residual -> LayerNormalization (next block's norm1 / the final norm)
     the last block's MLP runs on the class token only: every later op is per token and only the
     class token reaches the head, so the other N tokens' MLP would be thrown away.
     Gather class token -> Gemm head -> logits (B, classes)
+
+The residual add and the norm after it are two Adds and a LayerNormalization, not one
+com.microsoft.SkipLayerNormalization, on CPU: onnxruntime 1.31's CPU SkipLayerNormalization kernel
+took 0.48 ms on a (1, 197, 384) tensor where Add + Add + LayerNormalization took 0.08 ms (1 thread;
+ViT-S has 24 of them: ~10 ms of a ~90 ms forward, and ~30 % of the int8 graph's time). onnxruntime
+does not re-fuse them while the residual sum has a second consumer (it fuses only the final norm,
+on the class token). ``skip_layer_norm=True`` writes SkipLayerNormalization, for the fp16 (GPU)
+graph: on CUDA it is the fusion onnxruntime's own optimizer targets (not timed here: no GPU), and
+kept fp32 it holds the residual stream in fp32 (precision.to_fp16).
 
 `com.microsoft.Attention` takes our fused qkv Linear directly: its weight is (D, 3D) with Q, K, V
 concatenated on the last axis, which is ``qkv.weight.T`` (the Linear's output is laid out (3, H, hd)).
@@ -99,6 +110,35 @@ def _conv(b: _Builder, x: str, conv: torch.nn.Conv2d, hint: str) -> str:
                 pads=[ph, pw, ph, pw], group=conv.groups)
 
 
+def _patchify_is_exact(model: VisionTransformer) -> bool:
+    """Whether the patch Conv is a plain patchify (kernel = stride, no padding, tiling the whole image:
+    vit.py refuses sizes the patches do not tile, checked again here because the reshape depends on it)."""
+    conv = model.patch_embed
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    gh, gw = model.grid
+    return ((kh, kw) == (sh, sw) and tuple(conv.padding) == (0, 0) and conv.groups == 1  # type: ignore[arg-type]
+            and tuple(conv.dilation) == (1, 1) and tuple(model.image_size) == (gh * kh, gw * kw))
+
+
+def _patch_matmul(b: _Builder, x: str, model: VisionTransformer) -> str:
+    """The patch embedding as Reshape/Transpose into (B, N, C*p*p) patches + one MatMul + bias: (B, N, D).
+
+    The same products as the Conv (kernel = stride), as a GEMM: onnxruntime's fp32 Conv ran this
+    patchify at about half its MatMul rate on ViT-S, and dynamic int8 quantizes a MatMul into its
+    fast integer kernel where a Conv became the slow ConvInteger.
+    """
+    conv = model.patch_embed
+    kh, kw = conv.kernel_size
+    gh, gw = model.grid
+    c, d = conv.in_channels, conv.out_channels
+    grid = b.op("Reshape", [x, b.const("patch_grid", np.array([-1, c, gh, kh, gw, kw], np.int64))])
+    grid = b.op("Transpose", [grid], "patch_order", perm=[0, 2, 4, 1, 3, 5])  # (B, gh, gw, C, kh, kw): tokens row-major
+    flat = b.op("Reshape", [grid, b.const("patch_rows", np.array([-1, gh * gw, c * kh * kw], np.int64))])
+    weight = _f32(conv.weight).reshape(d, c * kh * kw).T  # (C*kh*kw, D), rows in the patches' (C, kh, kw) order
+    out = b.op("MatMul", [flat, b.const("patch_embed.weight_t", weight)], "patch_embed")
+    return b.op("Add", [out, b.const("patch_embed.bias", _f32(conv.bias))], "patches")
+
+
 def _stem(b: _Builder, x: str, model: VisionTransformer, opset: int) -> str:
     """The hybrid's BiT stem, inlined: torch.onnx.export writes its convolutions, weight
     standardization and GroupNorms (the one exporter of the stem's ops, so this graph cannot drift
@@ -175,8 +215,12 @@ def unsupported_features(model: VisionTransformer) -> list[str]:
 
 
 def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution: bool = False,
-                    pos_embed_mode: str = "bicubic"):
-    """The fused inference graph of `model` (eval semantics: no dropout, no drop path) as an onnx.ModelProto."""
+                    pos_embed_mode: str = "bicubic", skip_layer_norm: bool = False):
+    """The fused inference graph of `model` (eval semantics: no dropout, no drop path) as an onnx.ModelProto.
+
+    `skip_layer_norm`: residual add + norm as com.microsoft.SkipLayerNormalization (the GPU form) instead
+    of Add + LayerNormalization (the faster one on onnxruntime's CPU provider; see the module docstring).
+    """
     from onnx import TensorProto, helper
 
     if opset < MIN_OPSET:
@@ -201,9 +245,12 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
     x = INPUT_NAME
     if model.stem is not None:
         x = _stem(b, x, model, opset)
-    grid_map = _conv(b, x, model.patch_embed, "patch_embed")  # (B, D, gh, gw)
-    patches = b.op("Transpose", [b.op("Reshape", [grid_map, b.const("bdn", np.array([0, d, -1], np.int64))])],
-                   "patches", perm=[0, 2, 1])  # (B, N, D), row-major over the grid as in vit.py
+    if model.stem is None and not dynamic_resolution and _patchify_is_exact(model):
+        patches, grid_map = _patch_matmul(b, x, model), ""  # (B, N, D)
+    else:
+        grid_map = _conv(b, x, model.patch_embed, "patch_embed")  # (B, D, gh, gw)
+        patches = b.op("Transpose", [b.op("Reshape", [grid_map, b.const("bdn", np.array([0, d, -1], np.int64))])],
+                       "patches", perm=[0, 2, 1])  # (B, N, D), row-major over the grid as in vit.py
     cls_pos, grid_pos = _pos_embed(b, model, grid_map, dynamic_resolution, pos_embed_mode)
     # cls + its position embedding is one constant row, broadcast to the batch: (B, 1, D).
     cls_row = b.const("cls_token_plus_pos", _f32(model.cls_token) + cls_pos)
@@ -219,6 +266,17 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
     def class_token(value: str, hint: str) -> str:
         return b.op("Slice", [value, first, second, axis1], hint)
 
+    def residual_norm(x: str, residual: str, bias: str, norm: torch.nn.LayerNorm, norm_hint: str, hint: str) -> tuple[str, str]:
+        """(LN(x + bias + residual), x + bias + residual): a block's residual add and the norm after it."""
+        if skip_layer_norm:
+            # SkipLayerNormalization(input, skip, gamma, beta, bias) -> (LN(input + skip + bias), _, _, input + skip + bias)
+            normed, _, _, total = b.op("SkipLayerNormalization", [x, residual, *_layer_norm_params(b, norm, norm_hint), bias],
+                                       hint, n_out=4, domain=MS_DOMAIN, epsilon=LN_EPS)
+            return normed, total
+        total = b.op("Add", [b.op("Add", [x, bias], f"{hint}.bias"), residual], f"{hint}.residual")
+        return b.op("LayerNormalization", [total, *_layer_norm_params(b, norm, norm_hint)], hint, axis=-1,
+                    epsilon=LN_EPS), total
+
     depth = len(model.blocks)
     normed = b.op("LayerNormalization", [tokens, *_layer_norm_params(b, model.blocks[0].norm1, "blocks.0.norm1")]
                   if depth else [tokens, *_layer_norm_params(b, model.norm, "norm")], "ln", axis=-1, epsilon=LN_EPS)
@@ -229,11 +287,8 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
                                   b.const(f"{p}.attn.qkv.bias", _f32(blk.attn.qkv.bias))],
                     f"{p}.attn", domain=MS_DOMAIN, num_heads=heads)
         proj = b.op("MatMul", [attn, b.const(f"{p}.attn.proj.weight_t", _f32(blk.attn.proj.weight).T)], f"{p}.proj")
-        # SkipLayerNormalization(input, skip, gamma, beta, bias) -> (LN(input + skip + bias), _, _, input + skip + bias)
-        normed, _, _, residual = b.op(
-            "SkipLayerNormalization",
-            [proj, residual, *_layer_norm_params(b, blk.norm2, f"{p}.norm2"), b.const(f"{p}.proj.bias", _f32(blk.attn.proj.bias))],
-            f"{p}.skipln1", n_out=4, domain=MS_DOMAIN, epsilon=LN_EPS)
+        normed, residual = residual_norm(proj, residual, b.const(f"{p}.proj.bias", _f32(blk.attn.proj.bias)),
+                                         blk.norm2, f"{p}.norm2", f"{p}.add_norm1")
         last = i == depth - 1
         if last:  # class token only from here on (see the module docstring)
             normed = class_token(normed, "cls_normed")  # (B, 1, D)
@@ -243,11 +298,8 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
                    domain=MS_DOMAIN)
         out = b.op("MatMul", [act, b.const(f"{p}.mlp.fc2.weight_t", _f32(blk.mlp.fc2.weight).T)], f"{p}.fc2")
         next_norm = model.norm if last else model.blocks[i + 1].norm1
-        normed, _, _, residual = b.op(
-            "SkipLayerNormalization",
-            [out, residual, *_layer_norm_params(b, next_norm, "norm" if last else f"blocks.{i + 1}.norm1"),
-             b.const(f"{p}.mlp.fc2.bias", _f32(blk.mlp.fc2.bias))],
-            f"{p}.skipln2", n_out=4, domain=MS_DOMAIN, epsilon=LN_EPS)
+        normed, residual = residual_norm(out, residual, b.const(f"{p}.mlp.fc2.bias", _f32(blk.mlp.fc2.bias)),
+                                         next_norm, "norm" if last else f"blocks.{i + 1}.norm1", f"{p}.add_norm2")
     feats = b.op("Flatten", [normed if depth else class_token(normed, "cls_normed")], "cls_features", axis=1)  # (B, D)
     b.op("Gemm", [feats, b.const("head.weight", _f32(model.head.weight)), b.const("head.bias", _f32(model.head.bias))],
                   "head", transB=1)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import move_into_place
 from pipeline.export.onnx_file_checks import check_external_data
 from pipeline.export.providers import default_providers as usable_default_providers
 
@@ -145,8 +146,8 @@ def staged_file(path: str | os.PathLike):
         # The data file first, so the .onnx never points at weights that are not there yet.
         data = tmp_dir / f"{path.name}.data"
         if data.exists():
-            os.replace(data, parent / data.name)
-        os.replace(tmp, path)
+            move_into_place(data, parent / data.name)
+        move_into_place(tmp, path)
     except OSError as e:
         raise ExportError(f"{path}: writing the exported model failed: {e}") from e
     finally:

@@ -1,10 +1,10 @@
 """The export variants: which graph each name means, its file name, and how it is written.
 
     fp32          torch.onnx.export of the model, no fusions: the baseline (model.onnx)
-    optimized     the fused fp32 graph of `pipeline.export.graph` (model.optimized.onnx)
-    fp16          the fused graph in fp16, fp32 I/O by default, for GPUs (model.fp16.onnx)
-    int8_dynamic  the fused graph, int8 weights, activations quantized per batch, for CPUs
-    int8_static   the fused graph, int8 QDQ calibrated on training images, for CPUs
+    optimized     the fused fp32 graph of `pipeline.export.graph`, CPU form (model.optimized.onnx)
+    fp16          the fused graph, GPU form (SkipLayerNormalization), in fp16, fp32 I/O by default (model.fp16.onnx)
+    int8_dynamic  the fused CPU graph, int8 weights, activations quantized per batch, for CPUs
+    int8_static   the fused CPU graph, int8 QDQ calibrated on training images, for CPUs
 
 Every file carries the preprocessing in its metadata_props (`preprocessing_metadata`) and is
 written through `onnx_export.staged_file`, so a variant that fails while being written leaves no file.
@@ -97,8 +97,14 @@ def write_variants(
                                                                            "dynamic_resolution": False})
     if not any(v in BUILT for v in variants):
         return paths
-    fused = graph_builder.build_vit_graph(model, opset=opset, dynamic_resolution=dynamic_resolution,
-                                          pos_embed_mode=metadata.get("pos_embed_interp", "bicubic"))
+    def fused_graph(skip_layer_norm: bool):
+        return graph_builder.build_vit_graph(model, opset=opset, dynamic_resolution=dynamic_resolution,
+                                             pos_embed_mode=metadata.get("pos_embed_interp", "bicubic"),
+                                             skip_layer_norm=skip_layer_norm)
+
+    # The CPU variants (optimized, int8) use Add + LayerNormalization, the GPU one (fp16) the fused
+    # SkipLayerNormalization: each is the faster form on its provider (graph.py's docstring).
+    fused = fused_graph(skip_layer_norm=False) if any(v != "fp16" for v in variants if v in BUILT) else None
 
     def meta_for(variant: str) -> dict:
         return {**metadata, "variant": variant}
@@ -107,7 +113,7 @@ def write_variants(
         paths["optimized"] = export_graph(_copy(fused), out_dir / variant_file("optimized"), image_size=size,
                                           in_channels=c, opset=opset, metadata=meta_for("optimized"))
     if "fp16" in variants:
-        half = precision.to_fp16(_copy(fused), keep_io_types=fp16_keep_io_types, fp32_ops=fp16_fp32_ops)
+        half = precision.to_fp16(fused_graph(skip_layer_norm=True), keep_io_types=fp16_keep_io_types, fp32_ops=fp16_fp32_ops)
         paths["fp16"] = export_graph(half, out_dir / variant_file("fp16"), image_size=size, in_channels=c,
                                      opset=opset, metadata={**meta_for("fp16"), "fp16_keep_io_types": fp16_keep_io_types})
     int8 = [v for v in ("int8_dynamic", "int8_static") if v in variants]

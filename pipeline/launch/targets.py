@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from pipeline.atomic import write_json
 from pipeline.run_layout import JOB_FILE, RESULT_FILE, TRAIN_LOG, RunLayout
 
 TARGETS = ("local", "torchrun", "slurm", "k8s", "hostfile")
@@ -421,11 +422,7 @@ def render(spec: JobSpec, target: str, node_rank: int | None = None) -> str:
 
 
 def _record(spec: JobSpec, info: dict) -> None:
-    path = Path(spec.workdir) / "submit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    write_json(Path(spec.workdir) / "submit.json", info)
 
 
 def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:

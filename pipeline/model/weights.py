@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_path, write_text
 from pipeline.model.config import FINETUNE_MODEL_FIELDS, ModelConfig, validate_model
 from pipeline.model.pos_embed import INITS, transfer_pos_embed
 from pipeline.model.vit import VisionTransformer, build_model
@@ -55,17 +55,6 @@ def weights_meta(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    # Temp name in the same directory so os.replace is a same-filesystem atomic rename.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_weights_pair(out_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     """Atomically write model.safetensors (fp32, contiguous) and then model.json into `out_dir`; return the .safetensors path."""
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -82,8 +71,9 @@ def save_weights_pair(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
-    _atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out_dir / META_NAME, lambda p: p.write_text(text + "\n"))
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out_dir / META_NAME, text + "\n")
     return weights
 
 
