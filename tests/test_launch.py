@@ -426,7 +426,7 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
 MinJobAge=600
-NodeName={node} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1024 State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """)
     env = {**os.environ, "SLURM_CONF": str(conf)}
@@ -474,6 +474,7 @@ def test_slurm_submit_status_and_logs(slurm_cluster, prepared, tmp_path, monkeyp
         (work / "prepare" / "shards" / shard.name).symlink_to(shard)
     args = ["submit", str(TINY), "pretrain.steps=3", "pretrain.log_every=1", "pretrain.checkpoint_every=0",
             "--target", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--no-gpu", "--cpus-per-task", "2",
+            "--mem-gib", "1",  # the test node declares RealMemory=1024 (MB); the script asks for --mem=1G
             "--time", "00:10:00", "--workdir", str(work), "--name", "vitpipe-slurm-test"]
     assert main(args) == 0
     job_id = capsys.readouterr().out.strip()
