@@ -9,8 +9,9 @@ the rest of the package, so every layer may use it.
       config.yaml  summary.json  summary.txt  submit.json  .vitpipe.lock
       prepare/     shards/  manifest.json
       pretrain/    checkpoints/  model.safetensors  model.json  result.json  losses.jsonl  train.log  job.json
+                   metrics.jsonl  training_curves.png  confusion.json  confusion.png
       finetune/    the same files as pretrain/
-      export/      model.onnx  model.<variant>.onnx  model.onnx.json
+      export/      model.onnx  model.<variant>.onnx  model.onnx.json  variant_accuracy.png
       benchmark/   bench.json  bench.png
       hybrid/      prepare/ (only if its data differ)  plain/seed<N>/  hybrid/seed<N>/  compare.json  compare.txt
       <stage>/stage.json   written last: the stage's record (stages/record.py)
@@ -34,10 +35,14 @@ WEIGHTS_META_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
 RESULT_FILE = "result.json"
 LOSSES_FILE = "losses.jsonl"
+METRICS_FILE = "metrics.jsonl"  # rank 0's logged metrics per step: what the training plot draws
+TRAINING_PLOT = "training_curves.png"
+CONFUSION_FILE, CONFUSION_PLOT = "confusion.json", "confusion.png"  # the held-out split's, at the end
 TRAIN_LOG = "train.log"
 JOB_FILE = "job.json"
 # The export stage's fp32 graph (its other variants: pipeline/export/variants.py)
 ONNX_FILE = "model.onnx"
+VARIANTS_PLOT = "variant_accuracy.png"
 MANIFEST_FILE = "manifest.json"
 # Every stage folder: its record, written last
 STAGE_RECORD = "stage.json"

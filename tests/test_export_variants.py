@@ -22,6 +22,7 @@ from pipeline.export.variants import variant_file
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import VisionTransformer
 from pipeline.model.weights import save_weights_pair, weights_meta
+from pipeline.run_layout import VARIANTS_PLOT
 from stages import export as export_stage
 
 MODEL = ModelConfig(patch_size=2, width=48, depth=2, heads=2, mlp_dim=96, in_channels=1, mean=[0.5], std=[0.5])
@@ -83,7 +84,8 @@ def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
 
 def test_every_variant_is_written_checked_and_described(exported):
     info, out, _ = exported
-    assert sorted(p.name for p in out.iterdir()) == sorted([variant_file(v) for v in ALL] + ["model.onnx.json", "stage.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([variant_file(v) for v in ALL]
+                                                           + ["model.onnx.json", VARIANTS_PLOT, "stage.json"])
     assert list(info["variants"]) == ALL
     v = info["variants"]
     depth = MODEL.depth
@@ -91,8 +93,8 @@ def test_every_variant_is_written_checked_and_described(exported):
     # with its bias; the fp16 (GPU) graph fuses the residual adds into SkipLayerNormalization.
     assert v["optimized"]["fusions"] == {"Attention": depth, "BiasGelu": depth, "LayerNormalization": 2 * depth + 1}
     assert v["fp16"]["fusions"]["SkipLayerNormalization"] == 2 * depth
-    # int8 dynamic: the matmuls are integer, the patch-embedding Conv stays fp32 (ConvInteger is slower).
-    assert v["int8_dynamic"]["op_counts"]["Conv"] == 1 and "ConvInteger" not in v["int8_dynamic"]["op_counts"]
+    # The patch embedding is a MatMul (a plain patchify), so int8 dynamic has no (slow) ConvInteger.
+    assert "Conv" not in v["optimized"]["op_counts"] and "ConvInteger" not in v["int8_dynamic"]["op_counts"]
     assert "Attention" not in v["fp32"]["fusions"] and v["fp32"]["op_counts"].get("MatMul", 0) > 4 * depth
     assert v["fp16"]["fusions"]["Attention"] == depth
     assert v["int8_dynamic"]["fusions"]["QAttention"] == depth and v["int8_dynamic"]["fusions"]["MatMulInteger"] > 0
@@ -220,6 +222,17 @@ def test_both_residual_norm_forms_match_pytorch(skip_layer_norm):
     fused = graph_builder.fusions(proto)
     assert fused.get("SkipLayerNormalization", 0) == (6 if skip_layer_norm else 0)
     assert fused["LayerNormalization"] == (1 if skip_layer_norm else 7)
+
+
+@pytest.mark.parametrize("dynamic, patch_op", [(False, "MatMul"), (True, "Conv")])
+def test_patch_embedding_is_a_matmul_at_the_fixed_size(dynamic, patch_op):
+    # Fixed size: Reshape/Transpose into patches + MatMul; dynamic resolution keeps the Conv (any H, W).
+    model = tiny_vit()
+    proto = graph_builder.build_vit_graph(model, opset=18, dynamic_resolution=dynamic)
+    x = torch.randn(3, 3, 16, 16)
+    assert np.abs(model(x).detach().numpy() - _session(proto).run(None, {"images": x.numpy()})[0]).max() < 1e-4
+    first = next(n for n in proto.graph.node if n.op_type in ("MatMul", "Conv"))
+    assert first.op_type == patch_op and first.name.startswith("patch_embed")
 
 
 @pytest.mark.parametrize("kw, named", [

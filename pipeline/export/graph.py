@@ -6,8 +6,10 @@ Why build it instead of exporting and optimizing: neither ``torch.onnx.export`` 
 24 SkipLayerNormalization, 12 BiasGelu on ViT-S). Our block layout is fixed and known, so the graph
 is written directly in the fused form onnxruntime runs fastest on CPU and CUDA:
 
-    images (B, C, H, W) -> [ResNet stem] -> Conv patch embed -> (B, N, D) -> Concat cls -> Add pos
-    per block:  LayerNormalization (first block only; later ones come out of the SkipLayerNorm below)
+    images (B, C, H, W) -> [ResNet stem] -> patch embed -> (B, N, D) -> Concat cls -> Add pos
+        (patch embed: Reshape/Transpose to patches + MatMul + bias at a fixed size (`_patch_matmul`);
+        the Conv for the hybrid's 1x1 projection and for dynamic resolution)
+    per block:  LayerNormalization (first block only; later ones follow each residual add below)
                 com.microsoft.Attention (fused qkv weights (D, 3D), one node: QK^T, softmax, V, heads)
                 MatMul proj -> Add proj bias -> Add residual -> LayerNormalization norm2
                 MatMul fc1 -> com.microsoft.BiasGelu (exact erf GELU, as F.gelu) -> MatMul fc2
@@ -22,7 +24,8 @@ took 0.48 ms on a (1, 197, 384) tensor where Add + Add + LayerNormalization took
 ViT-S has 24 of them: ~10 ms of a ~90 ms forward, and ~30 % of the int8 graph's time). onnxruntime
 does not re-fuse them while the residual sum has a second consumer (it fuses only the final norm,
 on the class token). ``skip_layer_norm=True`` writes SkipLayerNormalization, for the fp16 (GPU)
-graph, where the fused kernel is the fast one and keeps the residual stream in one fp32 op.
+graph: on CUDA it is the fusion onnxruntime's own optimizer targets (not timed here: no GPU), and
+kept fp32 it holds the residual stream in fp32 (precision.to_fp16).
 
 `com.microsoft.Attention` takes our fused qkv Linear directly: its weight is (D, 3D) with Q, K, V
 concatenated on the last axis, which is ``qkv.weight.T`` (the Linear's output is laid out (3, H, hd)).
@@ -105,6 +108,35 @@ def _conv(b: _Builder, x: str, conv: torch.nn.Conv2d, hint: str) -> str:
     ph, pw = conv.padding  # type: ignore[misc]
     return b.op("Conv", ins, hint, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
                 pads=[ph, pw, ph, pw], group=conv.groups)
+
+
+def _patchify_is_exact(model: VisionTransformer) -> bool:
+    """Whether the patch Conv is a plain patchify (kernel = stride, no padding, tiling the whole image:
+    vit.py refuses sizes the patches do not tile, checked again here because the reshape depends on it)."""
+    conv = model.patch_embed
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    gh, gw = model.grid
+    return ((kh, kw) == (sh, sw) and tuple(conv.padding) == (0, 0) and conv.groups == 1  # type: ignore[arg-type]
+            and tuple(conv.dilation) == (1, 1) and tuple(model.image_size) == (gh * kh, gw * kw))
+
+
+def _patch_matmul(b: _Builder, x: str, model: VisionTransformer) -> str:
+    """The patch embedding as Reshape/Transpose into (B, N, C*p*p) patches + one MatMul + bias: (B, N, D).
+
+    The same products as the Conv (kernel = stride), as a GEMM: onnxruntime's fp32 Conv ran this
+    patchify at about half its MatMul rate on ViT-S, and dynamic int8 quantizes a MatMul into its
+    fast integer kernel where a Conv became the slow ConvInteger.
+    """
+    conv = model.patch_embed
+    kh, kw = conv.kernel_size
+    gh, gw = model.grid
+    c, d = conv.in_channels, conv.out_channels
+    grid = b.op("Reshape", [x, b.const("patch_grid", np.array([-1, c, gh, kh, gw, kw], np.int64))])
+    grid = b.op("Transpose", [grid], "patch_order", perm=[0, 2, 4, 1, 3, 5])  # (B, gh, gw, C, kh, kw): tokens row-major
+    flat = b.op("Reshape", [grid, b.const("patch_rows", np.array([-1, gh * gw, c * kh * kw], np.int64))])
+    weight = _f32(conv.weight).reshape(d, c * kh * kw).T  # (C*kh*kw, D), rows in the patches' (C, kh, kw) order
+    out = b.op("MatMul", [flat, b.const("patch_embed.weight_t", weight)], "patch_embed")
+    return b.op("Add", [out, b.const("patch_embed.bias", _f32(conv.bias))], "patches")
 
 
 def _stem(b: _Builder, x: str, model: VisionTransformer, opset: int) -> str:
@@ -213,9 +245,12 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
     x = INPUT_NAME
     if model.stem is not None:
         x = _stem(b, x, model, opset)
-    grid_map = _conv(b, x, model.patch_embed, "patch_embed")  # (B, D, gh, gw)
-    patches = b.op("Transpose", [b.op("Reshape", [grid_map, b.const("bdn", np.array([0, d, -1], np.int64))])],
-                   "patches", perm=[0, 2, 1])  # (B, N, D), row-major over the grid as in vit.py
+    if model.stem is None and not dynamic_resolution and _patchify_is_exact(model):
+        patches, grid_map = _patch_matmul(b, x, model), ""  # (B, N, D)
+    else:
+        grid_map = _conv(b, x, model.patch_embed, "patch_embed")  # (B, D, gh, gw)
+        patches = b.op("Transpose", [b.op("Reshape", [grid_map, b.const("bdn", np.array([0, d, -1], np.int64))])],
+                       "patches", perm=[0, 2, 1])  # (B, N, D), row-major over the grid as in vit.py
     cls_pos, grid_pos = _pos_embed(b, model, grid_map, dynamic_resolution, pos_embed_mode)
     # cls + its position embedding is one constant row, broadcast to the batch: (B, 1, D).
     cls_row = b.const("cls_token_plus_pos", _f32(model.cls_token) + cls_pos)

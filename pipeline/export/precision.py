@@ -2,8 +2,8 @@
 
 All three start from the fused graph of `pipeline.export.graph`, so they keep its fused attention:
 dynamic quantization turns each ``Attention`` into ``QAttention`` and each MatMul into an integer
-matmul with activations quantized per batch at run time (nothing to calibrate; the patch Conv stays
-fp32, see DYNAMIC_QUANT_OPS); static quantization
+matmul with activations quantized per batch at run time (nothing to calibrate; Convs stay fp32,
+see DYNAMIC_QUANT_OPS); static quantization
 inserts QuantizeLinear/DequantizeLinear pairs (QDQ) around the matmuls with activation ranges
 calibrated on training images, which onnxruntime fuses into integer kernels when it loads the graph.
 """
@@ -21,10 +21,11 @@ import numpy as np
 # Ops whose weights static quantization converts; norms and attention stay fp32 (QDQ has no fused
 # int8 attention, and quantizing a norm's scale saves nothing and costs accuracy).
 STATIC_QUANT_OPS = ("MatMul", "Conv", "Gemm")
-# Ops dynamic quantization converts: the matmuls (QAttention, DynamicQuantizeMatMul). The patch
-# embedding Conv stays fp32: as ConvInteger it took 13.0 ms of a ViT-S forward against 1.7 ms for
-# the fp32 Conv (onnxruntime 1.31, 2 threads), more than all the int8 MatMuls of a block saved;
-# the head (a Gemm) is converted to MatMul by the quantizer's preprocessing and quantized with them.
+# Ops dynamic quantization converts: the matmuls (QAttention, DynamicQuantizeMatMul; the fused
+# graph's patch embedding is a MatMul at a fixed size). A Conv (the patch embedding with dynamic
+# resolution, the hybrid's stem) stays fp32: as ConvInteger ViT-S's patch Conv took 13.0 ms of a
+# forward against 1.7 ms in fp32 (onnxruntime 1.31, 2 threads), more than the int8 MatMuls of a
+# block saved. The head (a Gemm) is converted to MatMul by the quantizer and quantized with them.
 DYNAMIC_QUANT_OPS = ("MatMul", "Attention")
 PER_CHANNEL = False
 
