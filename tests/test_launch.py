@@ -538,3 +538,27 @@ def test_a_submitted_job_is_a_first_class_run(prepared, tmp_path, monkeypatch, c
     # and from then on it is an ordinary completed stage
     assert main(["pretrain", str(TINY), *overrides, "--workdir", str(work)]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_a_stale_deepspeed_build_lock_is_refused_by_name_before_any_rank_starts(tmp_path, monkeypatch):
+    """A killed first build leaves torch_extensions' lock file; ranks would wait on it forever."""
+    from pipeline.launch.local import LaunchError, STALE_LOCK_S, launch_local
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(LaunchError, match=re.escape(str(lock)) + r" is 16 min old.*delete it") as err:
+        launch_local(["pipeline.train.worker", "--job", str(tmp_path / "job.json")], 2, tmp_path / "train.log")
+    assert err.value.exit_code == 1
+    assert not (tmp_path / "train.log").exists()  # nothing started, nothing written
+    # a fresh lock (a build in progress) is waited on as torch does, not refused
+    os.utime(lock, None)
+    from pipeline.launch.local import stale_extension_locks
+
+    assert stale_extension_locks() == []

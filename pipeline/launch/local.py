@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.launch.lifetime import die_with_parent
@@ -41,6 +42,43 @@ def worker_env(nprocs: int) -> dict[str, str]:
     return env
 
 
+# DeepSpeed JIT-compiles this op on CPU at every rank's first start (torch's cpp_extension), guarded
+# by a lock file that a killed build leaves behind; every later rank then waits on it forever.
+CPU_JIT_OPS = ("deepspeed_shm_comm",)
+# A build takes about a minute (several on a loaded machine); a lock this old belongs to no build.
+STALE_LOCK_S = 15 * 60
+
+
+def stale_extension_locks(now: float | None = None) -> list[tuple[Path, float]]:
+    """(lock file, age in s) for each CPU JIT op whose build lock is older than any real build."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    now = time.time() if now is None else now
+    stale = []
+    for name in CPU_JIT_OPS:
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > STALE_LOCK_S:
+            stale.append((lock, age))
+    return stale
+
+
+def check_extension_locks(env: dict[str, str]) -> None:
+    """Refuse to start CPU ranks that would hang on a stale JIT build lock; name the file and the fix."""
+    if env.get("DS_ACCELERATOR") != "cpu":
+        return
+    stale = stale_extension_locks()
+    if stale:
+        lock, age = stale[0]
+        raise LaunchError(
+            f"{lock} is {age / 60:.0f} min old: a killed DeepSpeed op build left it, and every rank would wait "
+            f"on it forever. If no compiler (c++/ninja) is running, delete it and rerun "
+            f"(the op is rebuilt in about a minute)", 1)
+
+
 def standalone_torchrun_command(nprocs: int, module_args: list[str], max_restarts: int = 0,
                                 shutdown_timeout: int = 120) -> list[str]:
     """torchrun for this machine alone (``--standalone``: rendezvous on a free local port), running
@@ -62,11 +100,13 @@ def launch_local(module_args: list[str], nprocs: int, log_path: Path, max_restar
     committed checkpoint (a restarted rank cannot rejoin a running ZeRO group on its own).
     """
     cmd = standalone_torchrun_command(nprocs, module_args, max_restarts, shutdown_timeout)
+    env = worker_env(nprocs)
+    check_extension_locks(env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         # torchrun dies with this process (and each rank with torchrun: pipeline.train.worker), so a
         # killed vitpipe never leaves ranks training on (pipeline/launch/lifetime.py)
-        proc = subprocess.Popen(cmd, env=worker_env(nprocs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, preexec_fn=die_with_parent)
         # Preemption reaches this process first (Kubernetes signals PID 1, a user presses Ctrl-C):
         # pass it on as SIGTERM, which torchrun forwards to the ranks; they checkpoint and exit.
