@@ -21,7 +21,7 @@ import yaml
 # re-exported, so `from pipeline.config import ModelConfig, ConfigError` works above the model.
 from pipeline.model.config import (FINETUNE_MODEL_FIELDS, ModelConfig, finetune_model_config,  # noqa: F401
                                    validate_model, validate_stem)
-from pipeline.run_layout import STAGES
+from pipeline.run_layout import DEFAULT_STAGES, STAGES
 from pipeline.schema import ConfigError, _coerce, _suggest, from_dict  # noqa: F401
 
 # --------------------------------------------------------------------------- schema
@@ -296,12 +296,25 @@ class TrackingConfig:
 
 
 @dataclass
+class HybridStageConfig:
+    """The `hybrid` stage of `vitpipe run`: `vitpipe bench hybrid` of a hybrid recipe, as part of this run."""
+
+    recipe: Optional[str] = None
+    """The hybrid recipe whose model is compared with its plain twin; a relative path is relative to
+    the recipe file that sets it (as `base:` is), or to the current directory when given on the command line."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides applied to that recipe, e.g. [pretrain.steps=300] for a shorter comparison."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """pretrain.seed values: one run of each model per seed."""
+
+
+@dataclass
 class PipelineConfig:
     """A recipe: every stage's settings for one run of the pipeline."""
 
     name: str = "run"
     """Recipe name; `vitpipe run` writes under runs/<name> by default."""
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     """Stages `vitpipe run` executes, in pipeline order."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -314,6 +327,7 @@ class PipelineConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hybrid: HybridStageConfig = field(default_factory=HybridStageConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -348,6 +362,11 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     bases = raw.pop("base", []) or []
+    hybrid = raw.get("hybrid")
+    if isinstance(hybrid, dict) and isinstance(hybrid.get("recipe"), str):
+        # Relative to this file, like base:, and made absolute so that a run's written config.yaml
+        # (elsewhere) still names the same file.
+        hybrid["recipe"] = str((path.parent / hybrid["recipe"]).resolve())
     if isinstance(bases, str):
         bases = [bases]
     merged: dict = {}
@@ -384,6 +403,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(PipelineConfig, raw)
+    if cfg.hybrid.recipe:  # an override's relative path is relative to the current directory
+        cfg.hybrid.recipe = str(Path(cfg.hybrid.recipe).resolve())
     validate(cfg)
     return cfg
 
@@ -535,9 +556,34 @@ def validate(cfg: PipelineConfig) -> None:
     if not cfg.benchmark.batch_sizes or any(b < 1 for b in cfg.benchmark.batch_sizes):
         raise ConfigError(f"benchmark.batch_sizes: need positive sizes, got {cfg.benchmark.batch_sizes}")
     validate_benchmark(cfg.benchmark)
+    if "hybrid" in cfg.stages:
+        validate_hybrid_stage(cfg.hybrid)
     if cfg.tracking.registered_model is not None and not re.fullmatch(r"[\w.\-/ ]+", cfg.tracking.registered_model):
         raise ConfigError(f"tracking.registered_model: {cfg.tracking.registered_model!r}: use letters, digits, "
                           "'.', '-', '_', '/' or spaces (or null for the recipe name)")
+
+
+def validate_hybrid_stage(h: HybridStageConfig, prefix: str = "hybrid.") -> PipelineConfig:
+    """The hybrid stage's recipe loads, validates and has a hybrid model; returns that recipe."""
+    if not h.recipe:
+        raise ConfigError(f"{prefix}recipe: the hybrid stage needs a hybrid recipe, e.g. "
+                          f"{prefix}recipe=configs/pipeline/demo-hybrid.yaml (or drop 'hybrid' from stages)")
+    if not h.seeds or min(h.seeds) < 0 or len(set(h.seeds)) != len(h.seeds):
+        raise ConfigError(f"{prefix}seeds: need distinct non-negative integers, got {h.seeds}")
+    try:
+        raw = apply_overrides(read_yaml(h.recipe), h.overrides)
+        # Checked before validating it, which would otherwise follow a recipe that names itself forever.
+        if "hybrid" in (raw.get("stages") or DEFAULT_STAGES):
+            raise ConfigError("lists the hybrid stage itself; a comparison recipe cannot nest another "
+                              "(set its stages: without hybrid)")
+        other = from_dict(PipelineConfig, raw)
+        validate(other)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}recipe {h.recipe}: {e}") from None
+    if not other.model.hybrid:
+        raise ConfigError(f"{prefix}recipe {h.recipe}: its model is plain (model.hybrid=false); the hybrid stage "
+                          "compares a hybrid with its plain twin")
+    return other
 
 
 def validate_benchmark(b: BenchmarkConfig, prefix: str = "benchmark.") -> None:

@@ -9,9 +9,11 @@ the rest of the package, so every layer may use it.
       config.yaml  summary.json  summary.txt  submit.json  .vitpipe.lock
       prepare/     shards/  manifest.json
       pretrain/    checkpoints/  model.safetensors  model.json  result.json  losses.jsonl  train.log  job.json
+                   metrics.jsonl  training_curves.png  confusion.json  confusion.png
       finetune/    the same files as pretrain/
-      export/      model.onnx  model.<variant>.onnx  model.onnx.json
+      export/      model.onnx  model.<variant>.onnx  model.onnx.json  variant_accuracy.png
       benchmark/   bench.json  bench.png
+      hybrid/      prepare/ (only if its data differ)  plain/seed<N>/  hybrid/seed<N>/  compare.json  compare.txt
       <stage>/stage.json   written last: the stage's record (stages/record.py)
 """
 
@@ -20,7 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark")
+STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark", "hybrid")
+# What `vitpipe run` does unless the recipe lists its stages: "hybrid" (a second recipe's
+# hybrid-vs-plain comparison under hybrid/, e.g. the demo's claim 3) runs only where a recipe asks.
+DEFAULT_STAGES = STAGES[:5]
 TRAINING_STAGES = ("pretrain", "finetune")
 
 # A weights pair: the consolidated fp32 tensors and the JSON that says how to build and feed them.
@@ -30,10 +35,14 @@ WEIGHTS_META_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
 RESULT_FILE = "result.json"
 LOSSES_FILE = "losses.jsonl"
+METRICS_FILE = "metrics.jsonl"  # rank 0's logged metrics per step: what the training plot draws
+TRAINING_PLOT = "training_curves.png"
+CONFUSION_FILE, CONFUSION_PLOT = "confusion.json", "confusion.png"  # the held-out split's, at the end
 TRAIN_LOG = "train.log"
 JOB_FILE = "job.json"
 # The export stage's fp32 graph (its other variants: pipeline/export/variants.py)
 ONNX_FILE = "model.onnx"
+VARIANTS_PLOT = "variant_accuracy.png"
 MANIFEST_FILE = "manifest.json"
 # Every stage folder: its record, written last
 STAGE_RECORD = "stage.json"

@@ -220,6 +220,11 @@ class MLflowTracker:
         as it is (a training rank's process does this at exit)."""
         self._sender.close(timeout)
 
+    @property
+    def sender_cpu_seconds(self) -> float:
+        """CPU time this run's sender thread has spent delivering so far."""
+        return self._sender.cpu_seconds
+
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> int:
         """Wait up to `timeout` s until everything logged so far is delivered; the number of calls left."""
         return self._sender.wait_delivered(timeout)
@@ -334,6 +339,9 @@ class _Sender:
         self._waiting = 0  # callers in wait_delivered: no gathering while someone waits
         self._reported = 0  # undelivered calls already reported by close()
         self.dropped = 0
+        # CPU time the sender thread spent delivering (serializing, HTTP, parsing): time the
+        # training thread may have waited for the GIL; `vitpipe bench tracking` reports it.
+        self.cpu_seconds = 0.0
         self._outage_since: float | None = None
         self._thread: threading.Thread | None = None
         atexit.register(self.close, FLUSH_TIMEOUT_S)  # a rank's process ends without calling finish()
@@ -400,6 +408,7 @@ class _Sender:
                     return
                 batch = self._take_batch()
                 self._busy = True
+            cpu_start = time.thread_time()
             try:
                 self._deliver(batch)
             except Exception as e:
@@ -419,6 +428,8 @@ class _Sender:
                             return
                     continue
                 _warn(f"tracking server {self._uri} refused a {batch[0][0]} call, dropped: {e}")
+            finally:
+                self.cpu_seconds += time.thread_time() - cpu_start
             pause = BACKOFF_S[0]
             if self._outage_since is not None:
                 _warn(f"tracking server {self._uri} is back after {time.monotonic() - self._outage_since:.0f} s; "

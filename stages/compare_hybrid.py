@@ -11,6 +11,10 @@ run of each, and the ratio to the plain ViT's best). This is the paper's small-c
 
 Layout: <workdir>/prepare/, <workdir>/<plain|hybrid>/seed<N>/ (each a pretrain stage folder, so a
 re-run skips completed runs), <workdir>/compare.json.
+
+`vitpipe run` runs the same comparison as its `hybrid` stage where a recipe lists it (the demo
+does, for claim 3): `hybrid.recipe`, `hybrid.overrides`, `hybrid.seeds`, under <run>/hybrid/, on
+the run's own dataset when the data settings match, the table in the run's summary.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import statistics
 from pathlib import Path
 
 from pipeline.atomic import write_json
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig, validate_model, validate_train
+from pipeline.config import (ConfigError, DataConfig, HybridStageConfig, ModelConfig, PipelineConfig,
+                             validate_hybrid_stage, validate_model, validate_train)
+from pipeline.track import NullTracker, Tracker
 
 
 def plain_twin(model: ModelConfig) -> ModelConfig:
@@ -32,8 +38,12 @@ def plain_twin(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, hybrid=False)
 
 
-def compare(cfg: PipelineConfig, workdir: Path, seeds: list[int]) -> dict:
-    """Pre-train the hybrid and its plain twin for each seed; return the figures (also in compare.json)."""
+def compare(cfg: PipelineConfig, workdir: Path, seeds: list[int], manifest: str | Path | None = None,
+            force: bool = False) -> dict:
+    """Pre-train the hybrid and its plain twin for each seed; return the figures (also in compare.json).
+
+    `manifest`: a dataset already prepared from the same data settings (`vitpipe run` passes its
+    own); None prepares cfg.data under <workdir>/prepare."""
     import torch
 
     from pipeline.data.manifest import load_manifest
@@ -43,7 +53,8 @@ def compare(cfg: PipelineConfig, workdir: Path, seeds: list[int]) -> dict:
     models = {"plain": plain_twin(cfg.model), "hybrid": cfg.model}
     validate_model(models["plain"])
     validate_train(cfg.pretrain, models["plain"], "pretrain.")  # e.g. image size vs the twin's patch
-    manifest = prepare.run(cfg.data, workdir / "prepare")["manifest"]
+    if manifest is None:
+        manifest = prepare.run(cfg.data, workdir / "prepare", force=force)["manifest"]
     num_classes = load_manifest(manifest).num_classes
     rows = {}
     for name, model in models.items():
@@ -54,7 +65,7 @@ def compare(cfg: PipelineConfig, workdir: Path, seeds: list[int]) -> dict:
     for seed in seeds:
         train = dataclasses.replace(cfg.pretrain, seed=seed)
         for name, model in models.items():
-            result = pretrain.run(model, train, manifest, workdir / name / f"seed{seed}")
+            result = pretrain.run(model, train, manifest, workdir / name / f"seed{seed}", force=force)
             rows[name]["val_accuracy"].append(float(result["val_accuracy"]))
             rows[name]["images_per_s"].append(float(result["images_per_s"]))
     out = {"recipe": cfg.name, "seeds": seeds, "image_size": cfg.pretrain.image_size, "steps": cfg.pretrain.steps,
@@ -62,6 +73,28 @@ def compare(cfg: PipelineConfig, workdir: Path, seeds: list[int]) -> dict:
            "ranks": cfg.pretrain.ranks, "models": rows}
     write_json(workdir / "compare.json", out)
     return out
+
+
+def run_stage(stage: HybridStageConfig, data: DataConfig, manifest: str | Path, out_dir: Path,
+              tracker: Tracker | None = None, force: bool = False) -> dict:
+    """`vitpipe run`'s hybrid stage: the comparison of `stage.recipe` (with its overrides) under
+    `out_dir`, on this run's dataset when that recipe's data settings are this run's (else its own)."""
+    tracker = tracker or NullTracker()
+    cfg = validate_hybrid_stage(stage)
+    same_data = dataclasses.asdict(cfg.data) == dataclasses.asdict(data)
+    tracker.log_params({"recipe": stage.recipe, "overrides": " ".join(stage.overrides),
+                        "seeds": ",".join(map(str, stage.seeds)), "steps": cfg.pretrain.steps})
+    result = compare(cfg, Path(out_dir), stage.seeds, manifest if same_data else None, force)
+    result["recipe_file"], result["overrides"] = stage.recipe, list(stage.overrides)
+    write_json(Path(out_dir) / "compare.json", result)
+    (Path(out_dir) / "compare.txt").write_text(format_table(result) + "\n")
+    models = result["models"]
+    tracker.log_metrics({f"{name}_{k}": v for name in models for k, v in
+                         (("val_accuracy_mean", statistics.mean(models[name]["val_accuracy"])),
+                          ("flops_per_image", float(models[name]["flops_per_image"])),
+                          ("images_per_s_best", max(models[name]["images_per_s"])))})
+    tracker.log_artifact(Path(out_dir) / "compare.txt")
+    return result
 
 
 def format_table(r: dict) -> str:

@@ -26,10 +26,13 @@ import torch.nn.functional as F
 from pipeline.atomic import move_into_place, write_json
 from pipeline.config import ExportConfig
 from pipeline.data.manifest import file_sha256, load_manifest, manifest_location
+from pipeline.eval.plots import plot_variant_accuracy
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_opset, compare_logits, onnx_logits, torch_logits
 from pipeline.export.variants import (graph_summary, labelled_images, measure_variant,
                                       preprocessing_metadata, write_variants)
 from pipeline.model.weights import check_model_classes, model_from_pair
+from pipeline.progress import Progress
+from pipeline.run_layout import VARIANTS_PLOT
 from pipeline.track import NullTracker, Tracker
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input
@@ -112,6 +115,7 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     ref = torch_logits(model, images)  # PyTorch fp32: the reference every variant is checked against
     n_parity = min(export.parity_images, len(images))
     variants: dict[str, dict] = {}
+    progress = Progress("[export] checking variants", len(paths), "variants")
     for variant, path in paths.items():
         parity, accuracy, session = measure_variant(path, ref, images, labels, n_parity, PARITY_PROVIDERS)
         acc, torch_acc, drop = accuracy["top1"], accuracy["torch_fp32_top1"], accuracy["drop_points"]
@@ -124,10 +128,13 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
             entry["resolutions"] = _check_resolutions(variant, session, weights, images[:n_parity], model.patch_size,
                                                       (h, w), export, path)
         variants[variant] = entry
+        progress.clear()  # the variant's line, then the bar under it
         print(f"[export] {variant:<12} {path.name}: max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement "
               f"{parity['top1_agreement']:.4f}, held-out top-1 {acc:.4f} (PyTorch {torch_acc:.4f}), "
-              f"fusions {entry['fusions'] or 'none'}")
+              f"fusions {entry['fusions'] or 'none'}", flush=True)
+        progress.update()
 
+    progress.close()
     first = next(iter(variants))
     main = "fp32" if "fp32" in variants else first
     info = {
@@ -147,9 +154,12 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     meta_path = out_dir / "model.onnx.json"
     write_json(meta_path, info)
     tracker.log_artifact(meta_path)
+    plot = plot_variant_accuracy(variants, out_dir / VARIANTS_PLOT, f"export: held-out top-1 of each variant "
+                                 f"({len(images)} val images)")
+    tracker.log_artifact(plot, "plots")
     tracker.log_lineage(inputs={"weights": content_sha256(weights), "dataset": log_dataset_input(tracker, manifest, "eval")},
                         outputs={"onnx": content_sha256(paths[main])})
-    record.finish(out_dir, "export", fp, [*paths.values(), meta_path], info)
+    record.finish(out_dir, "export", fp, [*paths.values(), meta_path, plot], info)
     return info
 
 

@@ -65,6 +65,9 @@ def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, f
         if name == "finetune":
             init = init or cfg.finetune.init_from or layout.weights("pretrain")
             return finetune.run(cfg.finetune, manifest, init, out, tracker, force, model=cfg.model)
+        if name == "hybrid":  # a second recipe's hybrid-vs-plain comparison (stages/compare_hybrid.py)
+            from stages import compare_hybrid
+            return compare_hybrid.run_stage(cfg.hybrid, cfg.data, manifest, out, tracker, force)
         weights = weights or layout.deployed_weights(cfg.stages)
         if name == "export":
             return export.run(cfg.export, weights, manifest, out, tracker, force)
@@ -126,6 +129,9 @@ def summary_table(summary: dict) -> str:
         lines.append(f"onnxruntime providers used: {', '.join(bench.get('providers', []))}")
         if bench.get("registered"):
             lines.append(f"registered: {bench['registered']['model_uri']}")
+    if summary.get("hybrid"):
+        from stages.compare_hybrid import format_table
+        lines += ["", format_table(summary["hybrid"])]
     return "\n".join(lines)
 
 

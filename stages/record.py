@@ -18,7 +18,7 @@ from pipeline.folder_lock import LOCK_NAME
 
 RECORD = "stage.json"
 # What an interrupted training stage keeps for its resume: the checkpoints and the logs they continue.
-RESUMABLE = {"checkpoints", "losses.jsonl", "train.log"}
+RESUMABLE = {"checkpoints", "losses.jsonl", "metrics.jsonl", "train.log"}
 # Beside a training stage's checkpoints: the fingerprint and settings they were written for.
 SETTINGS_FILE = "settings.json"
 LEGACY_FINGERPRINT = "fingerprint.txt"  # before settings.json: the fingerprint alone

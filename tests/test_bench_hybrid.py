@@ -56,3 +56,79 @@ def test_compare_trains_both_and_reports_their_figures(tmp_path):
     # A second call finds both stage folders complete and trains nothing.
     again = compare(cfg, tmp_path, seeds=[0])
     assert again["models"]["hybrid"]["val_accuracy"] == models["hybrid"]["val_accuracy"]
+
+
+# --------------------------------------------------------------- the demo's hybrid stage (claim 3)
+
+DEMO = ROOT / "configs" / "pipeline" / "demo.yaml"
+
+
+def test_demo_runs_the_hybrid_comparison_as_its_last_stage():
+    from pipeline.config import validate_hybrid_stage
+
+    cfg = load_config(DEMO)
+    assert cfg.stages[-1] == "hybrid"
+    other = validate_hybrid_stage(cfg.hybrid)
+    # The shipped comparison, at the demo's reduced budget, with the BiT stem (small root).
+    assert other.name == "demo-hybrid" and other.model.hybrid and other.model.stem_root == "small"
+    assert other.pretrain.steps == 300 and "hybrid" not in other.stages
+    # Its data settings are the demo's, so the stage trains on the run's own dataset.
+    assert other.data == cfg.data
+    # The recipes that inherit demo.yaml do not inherit the comparison.
+    assert "hybrid" not in load_config(TINY_HYBRID).stages and "hybrid" not in other.stages
+
+
+def test_hybrid_recipe_path_survives_a_written_config(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.config import to_dict
+
+    monkeypatch.chdir(ROOT)  # relative to the recipe file, as `make demo` names it
+    cfg = load_config("configs/pipeline/demo.yaml")
+    assert cfg.hybrid.recipe == str(ROOT / "configs" / "pipeline" / "demo-hybrid.yaml")
+    written = tmp_path / "elsewhere" / "config.yaml"  # as `vitpipe run` writes <run>/config.yaml
+    written.parent.mkdir()
+    written.write_text(yaml.safe_dump(to_dict(cfg)))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(written).hybrid == cfg.hybrid
+    # On the command line, relative to the current directory.
+    (tmp_path / "h.yaml").write_text((ROOT / "configs" / "pipeline" / "demo-hybrid.yaml").read_text()
+                                     .replace("base: demo.yaml", f"base: {ROOT / 'configs' / 'pipeline' / 'demo.yaml'}"))
+    assert load_config(written, ["hybrid.recipe=h.yaml"]).hybrid.recipe == str(tmp_path / "h.yaml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["hybrid.recipe=null"], "hybrid.recipe: the hybrid stage needs a hybrid recipe"),
+    (["hybrid.recipe=/nonexistent/h.yaml"], "/nonexistent/h.yaml: config file not found"),
+    ([f"hybrid.recipe={ROOT / 'configs' / 'pipeline' / 'tiny.yaml'}"],
+     "its model is plain"),
+    ([f"hybrid.recipe={DEMO}"], "lists the hybrid stage itself"),
+    (["hybrid.seeds=[0, 0]"], "hybrid.seeds: need distinct non-negative integers"),
+    (["hybrid.overrides=[pretrain.steps=0]"], "pretrain.steps: must be >= 1"),
+])
+def test_bad_hybrid_stage_is_refused_before_any_work(overrides, message, tmp_path, capsys):
+    assert main(["run", str(DEMO), *overrides, "--workdir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_run_with_the_hybrid_stage_prints_the_comparison_in_its_summary(tmp_path, capsys):
+    work = tmp_path / "run"
+    hybrid = ["pretrain.ranks=1", "pretrain.steps=3", "pretrain.checkpoint_every=0"]
+    assert main(["run", str(ROOT / "configs" / "pipeline" / "tiny.yaml"), "stages=[prepare, hybrid]",
+                 f"hybrid.recipe={TINY_HYBRID}", f"hybrid.overrides=[{', '.join(hybrid)}]",
+                 "tracking.enabled=false", "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((work / "summary.json").read_text())
+    compared = json.loads((work / "hybrid" / "compare.json").read_text())
+    assert summary["hybrid"]["models"] == compared["models"]
+    assert compared["recipe"] == "tiny-hybrid" and compared["overrides"] == hybrid and compared["steps"] == 3
+    # Same data settings: both models trained on the run's own shards, nothing prepared twice.
+    assert not (work / "hybrid" / "prepare").exists()
+    for name in ("plain", "hybrid"):
+        meta = json.loads((work / "hybrid" / name / "seed0" / "model.json").read_text())
+        assert meta["architecture"]["hybrid"] is (name == "hybrid")
+    table = format_table(compared)
+    assert table in out and table in (work / "summary.txt").read_text()
+    assert "hybrid - plain val accuracy" in table

@@ -101,12 +101,12 @@ def test_bad_config_is_rejected_with_key_and_fix(overrides, key, hint):
 
 def test_hybrid_image_size_is_checked_against_stem_stride():
     small = ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1]"]
-    cfg = load_config(DEMO, small)  # stride 4: the demo's 16 and 28 px are multiples of it
+    cfg = load_config(DEMO, small)  # stride 4: the demo's 16 and 24 px are multiples of it
     assert cfg.model.effective_patch == 4
-    with pytest.raises(ConfigError, match="finetune.image_size: 28 is not divisible by the hybrid stem's stride 8"):
-        load_config(DEMO, ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1, 1]"])
-    # The default stem is the paper's R50 (stride 16): too coarse for 28 px digits, and said so.
-    with pytest.raises(ConfigError, match="28 is not divisible by the hybrid stem's stride 16"):
+    with pytest.raises(ConfigError, match="finetune.image_size: 24 is not divisible by the hybrid stem's stride 16"):
+        load_config(DEMO, ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1, 1, 1, 1]"])
+    # The default stem is the paper's R50 (stride 16): too coarse for 24 px digits, and said so.
+    with pytest.raises(ConfigError, match="24 is not divisible by the hybrid stem's stride 16"):
         load_config(DEMO, ["model.hybrid=true"])
 
 

@@ -1,6 +1,7 @@
 """Issue 11's data faults, each against real parts: pipe: URLs end to end, a loopback HTTP server that
-drops connections and answers 503, a tampered shard under `verify_shards: size`, a full disk during
-prepare, and hostile tar members read by every reader alike."""
+drops connections and answers 503 (and a proxy that drops S3 reads from a real moto server), a
+tampered shard under `verify_shards: size`, a full disk during prepare (the one fake: a writer that
+raises ENOSPC), and hostile tar members read by every reader alike."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import shutil
 import tarfile
 import threading
@@ -334,3 +336,72 @@ def test_a_decompression_bomb_in_the_stream_is_skipped_and_counted(copy):
     assert f"{name}/{bombed}" not in {k for b in batches for k in b["keys"]}
     with pytest.raises(DataError, match=rf"{name}: sample '{bombed}' .png is a decompression bomb"):
         epoch_keys(copy)
+
+
+class _DroppingProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards requests to the S3 server (moto); the first GET of each shard gets half its body and
+    a dropped connection. Records every shard GET's Range header."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: str
+    hits: dict
+    ranges: list
+
+    def log_message(self, *args):
+        pass
+
+    def _forward(self):
+        import urllib.error
+        import urllib.request
+
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        request = urllib.request.Request(self.upstream + self.path, data=body, method=self.command,
+                                         headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        try:
+            response = urllib.request.urlopen(request, timeout=30)
+        except urllib.error.HTTPError as e:
+            response = e
+        data = response.read()
+        first_shard_get = False
+        if self.command == "GET" and ".tar" in self.path.split("?")[0]:
+            self.ranges.append(self.headers.get("Range"))
+            n = self.hits[self.path] = self.hits.get(self.path, 0) + 1
+            first_shard_get = n == 1
+        self.send_response(response.status if hasattr(response, "status") else response.code)
+        for k, v in response.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if first_shard_get and len(data) > 1:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+
+def test_s3_reads_resume_after_a_dropped_connection(dataset, s3_env, monkeypatch):
+    client, bucket = s3_env
+    m = load_manifest(dataset)
+    for path, rec in zip(m.shard_paths("train"), m.shards("train")):
+        client.upload_file(str(path), bucket, f"data/{rec['name']}")
+    handler = type("Proxy", (_DroppingProxy,), {"upstream": os.environ["AWS_ENDPOINT_URL"],
+                                                 "hits": {}, "ranges": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.setattr(storage, "_CLIENTS", {})  # a client for the proxy
+        monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.01)
+        assert epoch_keys(m, base_url=f"s3://{bucket}/data") == epoch_keys(m)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    sizes = {rec["bytes"] for rec in m.shards("train")}
+    resumed = [r for r in handler.ranges if r]
+    assert resumed and all(int(r.split("=")[1].rstrip("-")) * 2 in {s - s % 2 for s in sizes} for r in resumed)

@@ -22,6 +22,7 @@ from pipeline.export.variants import variant_file
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import VisionTransformer
 from pipeline.model.weights import save_weights_pair, weights_meta
+from pipeline.run_layout import VARIANTS_PLOT
 from stages import export as export_stage
 
 MODEL = ModelConfig(patch_size=2, width=48, depth=2, heads=2, mlp_dim=96, in_channels=1, mean=[0.5], std=[0.5])
@@ -83,7 +84,8 @@ def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
 
 def test_every_variant_is_written_checked_and_described(exported):
     info, out, _ = exported
-    assert sorted(p.name for p in out.iterdir()) == sorted([variant_file(v) for v in ALL] + ["model.onnx.json", "stage.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([variant_file(v) for v in ALL]
+                                                           + ["model.onnx.json", VARIANTS_PLOT, "stage.json"])
     assert list(info["variants"]) == ALL
     v = info["variants"]
     depth = MODEL.depth

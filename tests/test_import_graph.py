@@ -3,7 +3,7 @@
 Every import counts, at module level or inside a function: an import inside a function is still a
 dependency, only a later one. The layers, bottom first (docs/architecture.md draws the same map):
 
-  0 base        pipeline.{atomic, tables, memory, folder_lock, run_layout, schema} and the package itself:
+  0 base        pipeline.{atomic, tables, memory, folder_lock, run_layout, schema, progress} and the package itself:
                 no knowledge of images, models or processes
   1 model       pipeline.model: the ViT, its weights and its own schema (torch only)
     launch      pipeline.launch: how processes are started and stopped (torchrun, SLURM, k8s,
@@ -33,7 +33,7 @@ PACKAGES = ("pipeline", "stages", "tools")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("pipeline", "pipeline.atomic", "pipeline.tables", "pipeline.memory", "pipeline.folder_lock",
-              "pipeline.run_layout", "pipeline.schema")),
+              "pipeline.run_layout", "pipeline.schema", "pipeline.progress")),
     ("model, launch", ("pipeline.model", "pipeline.launch")),
     ("config", ("pipeline.config",)),
     ("data, track", ("pipeline.data", "pipeline.track")),

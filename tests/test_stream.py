@@ -105,7 +105,9 @@ def test_too_few_shards_is_an_error_that_says_how_many_or_resampled(digits):
         train_stream(digits, transform=TRANSFORM, micro_batch=8, rank=0, world_size=2, workers=6)
     stream = train_stream(digits, transform=TRANSFORM, micro_batch=8, rank=0, world_size=2, workers=6,
                           sampling="auto")
-    assert stream.settings.resampled and stream.steps_per_epoch > 0
+    # resampled: each of the 12 streams draws a nominal share of the train split, in whole batches
+    nominal = load_manifest(digits).num_samples("train") // 12
+    assert stream.settings.resampled and stream.steps_per_epoch == (nominal // 8) * 6
     batch = next(iter(stream))
     assert batch["images"].shape[0] == 8
 

@@ -39,16 +39,18 @@ def at_step_3(manifest, tmp_path_factory):
 HYBRID = ["model.hybrid=true", "model.stem_root=small", "model.stem_stages=[1, 1]", "model.stem_width=8"]
 
 
-# ZeRO-3 with the hybrid: the one stage that partitions parameters, so the stem's weight-standardized
+# Every stage with the hybrid too: ZeRO-3 partitions parameters, so the stem's weight-standardized
 # convs (which read their weight inside forward) are gathered by ZeRO-3's hooks; stages 1-2 partition
-# only optimizer state and gradients, which the stem does not see.
-@pytest.mark.parametrize("stage", [0, 1, 2, 3, "3-hybrid"])
+# optimizer state and gradients, whose buckets now hold the stem's GroupNorm and conv tensors beside
+# the Transformer's; stage 0 is plain data parallelism over the same parameter list.
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, "0-hybrid", "1-hybrid", "2-hybrid", "3-hybrid"])
 def test_two_ranks_then_resume_on_one(stage, manifest, tmp_path, at_step_3):
-    key, stage = stage, 3 if stage == "3-hybrid" else stage
+    key, hybrid = stage, isinstance(stage, str)
+    stage = int(key[0]) if hybrid else stage
     overrides = [f"pretrain.zero_stage={stage}", "pretrain.steps=5", "pretrain.checkpoint_every=0"]
     if stage == 3:
         overrides.append("pretrain.activation_checkpointing=true")  # exercised under ZeRO-3's hooks
-    if key == "3-hybrid":
+    if hybrid:
         overrides += HYBRID
     cfg = load_config(TINY, overrides)
 
@@ -80,17 +82,20 @@ def test_two_ranks_then_resume_on_one(stage, manifest, tmp_path, at_step_3):
         assert set(ours) == set(reference)
         assert all(torch.equal(ours[k], reference[k].float()) for k in ours)
     assert all(torch.isfinite(v).all() for v in ours.values())
-    if key == "3-hybrid":
+    if hybrid:
         assert "stem.stages.1.blocks.0.conv2.weight" in ours and "stem.root.conv.weight" in ours
 
 
-def test_stages_agree_after_the_same_steps(at_step_3):
+@pytest.mark.parametrize("model", ["", "-hybrid"])
+def test_stages_agree_after_the_same_steps(model, at_step_3):
     # Same seed, data and fp32 math: ZeRO 1, 2 and 3 partition the same computation. Reductions
     # run in a different order, and Adam's first steps amplify rounding on near-zero gradients, so
     # "the same" is within a fifth of one update (lr 1e-3), far below the weights' own scale.
-    if not {1, 2, 3} <= set(at_step_3):
+    keys = {s: s if not model else f"{s}{model}" for s in (1, 2, 3)}
+    if not set(keys.values()) <= set(at_step_3):
         pytest.fail(f"the per-stage tests did not all run: have stages {sorted(map(str, at_step_3))}")
-    base = at_step_3[1]
+    base = at_step_3[keys[1]]
+    assert not model or any(k.startswith("stem.") for k in base)  # the stem's tensors are compared too
     for stage in (2, 3):
-        worst = max((at_step_3[stage][k].float() - v.float()).abs().max().item() for k, v in base.items())
-        assert worst < 2e-4, f"ZeRO-{stage} differs from ZeRO-1 by {worst:.2e} after 3 steps"
+        worst = max((at_step_3[keys[stage]][k].float() - v.float()).abs().max().item() for k, v in base.items())
+        assert worst < 2e-4, f"ZeRO-{stage}{model} differs from ZeRO-1 by {worst:.2e} after 3 steps"

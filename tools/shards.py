@@ -29,6 +29,7 @@ from pipeline.data.errors import DataError, MissingObject
 from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.data.shard_format import ImageRefused, decode_image, image_size, read_shard
 from pipeline.data.storage import is_url, object_size, open_url
+from pipeline.progress import Progress
 from tools.bench_data import BenchSettings, bench_data, report
 
 
@@ -108,7 +109,12 @@ class _Counting:
 
 def scan_dataset(manifest: Manifest, check_hash: bool = True, decode: bool = True) -> dict[str, list[ShardScan]]:
     """`scan_shard` for every shard of every split, plus a check that keys are unique across the dataset."""
-    scans = {split: [scan_shard(manifest, r, check_hash, decode) for r in manifest.shards(split)] for split in manifest.splits}
+    scans: dict[str, list[ShardScan]] = {split: [] for split in manifest.splits}
+    with Progress("[verify] shards", sum(len(manifest.shards(s)) for s in scans), "shards") as progress:
+        for split, shard_scans in scans.items():
+            for record in manifest.shards(split):
+                shard_scans.append(scan_shard(manifest, record, check_hash, decode))
+                progress.update()
     seen: dict[str, str] = {}
     for shard_scans in scans.values():
         for scan in shard_scans:

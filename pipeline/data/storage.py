@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +91,7 @@ class _Missing(UrlError, MissingObject):
 
 
 class _Transient(Exception):
-    """A failure worth another try; `permanent` is set when the next try is pointless."""
+    """A failure worth another try (a refused or dropped connection, a timeout, a 5xx or 429)."""
 
 
 def _s3_code(e: Exception) -> str:

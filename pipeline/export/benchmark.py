@@ -45,6 +45,7 @@ from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, _eval_mode, _hw
 from pipeline.export.providers import (
     CPU, CUDA, GPU_PROVIDERS, TENSORRT, ResolvedProvider, check_session_providers, resolve_requested,
 )
+from pipeline.progress import Progress
 
 INPUT_SEED = 0
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -363,6 +364,7 @@ def measure(candidates: Sequence[Candidate], batch_sizes: Sequence[int], *, warm
         runners = {(id(c), b): c.runner(b) for c in live for b in batch_sizes}  # inputs made before timing
         times: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in runners}
         memory: dict[tuple[int, int], PeakMemory] = {}
+        progress = Progress("[benchmark] timing", rounds * len(runners), "runs")  # shown between runs, never inside
         for r in range(rounds):
             order = live[r % len(live):] + live[: r % len(live)] if live else []
             for b in batch_sizes:
@@ -372,6 +374,8 @@ def measure(candidates: Sequence[Candidate], batch_sizes: Sequence[int], *, warm
                         times[key].append(_time_runs(runners[key], warmup, iterations))
                     if key not in memory or (mem.mib or 0) > (memory[key].mib or 0):
                         memory[key] = mem
+                    progress.update()
+        progress.close()
     finally:
         torch.set_num_threads(previous_threads)
     rows = []

@@ -16,8 +16,10 @@ Contract (see also docs/checkpoints.md):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import time
@@ -29,6 +31,69 @@ from pipeline.launch.lifetime import launcher_alive
 MARKER = "COMMITTED"
 PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a quota, a lost mount): one message
+    naming the folder and why, so the launcher reports it instead of torch's writer's internals."""
+
+
+# A write that fails for these reasons is the disk's doing, not the checkpoint's.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _free_mib(folder: Path) -> float | None:
+    for p in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(p).free / 2**20
+        except OSError:
+            continue
+    return None
+
+
+def write(engine, root: Path, tag: str, client: dict, step: int, rank: int) -> None:
+    """This rank's part of checkpoint `tag` through DeepSpeed; a failed write raises
+    `CheckpointWriteError` naming the folder (and the disk's free space), with the last committed
+    checkpoint, which nothing here touches, named as the one a rerun resumes from."""
+    folder = Path(root) / tag
+    _inject_disk_full(engine, step, rank)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as "unexpected pos ..." / "file write failed"
+        # with no path, so the reason is said here from the errno or the free space left.
+        free = _free_mib(folder)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            reason = f"{os.strerror(e.errno)}" + (f" writing {e.filename}" if e.filename else "")
+        elif free is not None and free < 64:
+            reason = f"no space left on device ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        else:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        last = latest(Path(root))
+        kept = (f"the last committed checkpoint {Path(root) / last[1]} is intact; free space and run the same "
+                f"command again to resume from it") if last else "no earlier checkpoint was committed"
+        space = f" ({free:.0f} MiB free there)" if free is not None else ""
+        raise CheckpointWriteError(e.errno if isinstance(e, OSError) else errno.EIO,
+                                   f"{folder}: checkpoint of step {step} not written: {reason}{space}; {kept}") from None
+
+
+def _inject_disk_full(engine, step: int, rank: int) -> None:
+    """Fault injection for tests of a full disk: VITPIPE_FAULT="enospc:<step>:<rank>" makes that
+    rank's checkpoint writer write half of its first file and then fail as a full disk does."""
+    if os.environ.get("VITPIPE_FAULT") != f"enospc:{step}:{rank}":
+        return
+    import io
+
+    import torch
+
+    def full_disk_save(state_dict, path):
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    engine.checkpoint_engine.save = full_disk_save
 
 
 class UnsafeCheckpoint(RuntimeError):
@@ -146,7 +211,11 @@ def commit(root: Path, tag: str, step: int, world_size: int, zero_stage: int, ml
                            "(the job was killed)")
     info = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "time": time.time(),
             "mlflow_run_id": mlflow_run_id, "files": file_digests(root / tag)}
-    write_json(root / tag / MARKER, info, indent=None)
+    try:
+        write_json(root / tag / MARKER, info, indent=None)  # atomic: a failed write leaves no marker
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"{root / tag / MARKER}: commit marker not written: "
+                                   f"{os.strerror(e.errno) if e.errno else e}; {tag} stays uncommitted") from None
 
 
 def prune(root: Path, keep: int) -> list[str]:

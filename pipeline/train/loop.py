@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,9 +39,13 @@ from pipeline.data.eval_stream import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
 from pipeline.data.transforms import TrainTransform, mix_batch
+from pipeline.eval.confusion import MAX_CONFUSION_CLASSES, confusion_counts, write_confusion
+from pipeline.eval.plots import plot_confusion, plot_training, read_history
 from pipeline.model.vit import build_model, flops_per_image
 from pipeline.model.weights import model_config_from_meta, model_from_pair, save_weights_pair, weights_meta
-from pipeline.run_layout import CHECKPOINTS_DIR, LOSSES_FILE, RESULT_FILE
+from pipeline.progress import Progress
+from pipeline.run_layout import (CHECKPOINTS_DIR, CONFUSION_PLOT, LOSSES_FILE, METRICS_FILE, RESULT_FILE,
+                                 TRAINING_PLOT)
 from pipeline.track import tracker_for_rank
 from pipeline.train import checkpoints
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
@@ -143,19 +148,29 @@ def rank_device() -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device, dtype) -> dict:
-    """Top-1 accuracy and mean loss over `batches`, summed across ranks (every rank must call)."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device, dtype,
+             num_classes: int | None = None) -> dict:
+    """Top-1 accuracy and mean loss over `batches`, summed across ranks (every rank must call);
+    with `num_classes`, also the confusion matrix of the same predictions ("confusion")."""
     sums = torch.zeros(3, dtype=torch.float64)  # correct, count, loss sum
+    confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.int64)
     for images, labels, mask in batches:
         logits = forward(images.to(device=device, dtype=dtype)).float().cpu()
         losses = F.cross_entropy(logits, labels, reduction="none")
         sums[0] += ((logits.argmax(-1) == labels) & mask).sum()
         sums[1] += mask.sum()
         sums[2] += losses[mask].sum()
+        if num_classes:
+            confusion += confusion_counts(logits.argmax(-1), labels, mask, num_classes)
     if dist.is_initialized():
         dist.all_reduce(sums)
+        if num_classes:
+            dist.all_reduce(confusion)
     correct, count, loss = sums.tolist()
-    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": int(count)}
+    out = {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": int(count)}
+    if num_classes:
+        out["confusion"] = confusion
+    return out
 
 
 # --------------------------------------------------------------------------- engine
@@ -330,7 +345,7 @@ class Trainer:
             (self.ckpt_root / tag / checkpoints.MARKER).unlink(missing_ok=True)
         dist.barrier()
         _fault_point("save", step, self.rank)
-        engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
+        checkpoints.write(engine, self.ckpt_root, tag, client, step, self.rank)  # a full disk: one clear error
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
             checkpoints.commit(self.ckpt_root, tag, step, self.world, self.t.zero_stage, self.job.run_id)
@@ -365,11 +380,12 @@ class Trainer:
                 raise RuntimeError(f"{self.ckpt_root / tag}: checkpoint has no EMA state but ema_decay is set; "
                                    f"resume=never starts over")
             self.ema.load_state_dict(client["ema"])
-        if self.rank == 0:  # forget losses logged after the checkpoint: those steps run again
-            losses = self.out_dir / LOSSES_FILE
-            if losses.is_file():
-                kept = [line for line in losses.read_text().splitlines() if json.loads(line)["step"] <= step]
-                losses.write_text("".join(line + "\n" for line in kept))
+        if self.rank == 0:  # forget losses and metrics logged after the checkpoint: those steps run again
+            for name in (LOSSES_FILE, METRICS_FILE):
+                path = self.out_dir / name
+                if path.is_file():
+                    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                    path.write_text("".join(line + "\n" for line in kept))
         if info.get("resharded"):
             # Another rank count: the data plan of the interrupted epoch does not exist on this one.
             # Continue with the next epoch (the rest of that epoch is skipped, never repeated) and
@@ -443,6 +459,9 @@ class Trainer:
         window = torch.zeros(1, dtype=torch.float64)
         window_steps, window_start = 0, time.perf_counter()
         engine.train()
+        # rank 0's stdout goes through the launcher, which shows "[stage]" lines: plain lines, bounded rate
+        progress = Progress(f"[{job.stage}] progress", t.steps, "steps", initial=start_step, stream=sys.stdout,
+                            enabled=self.rank == 0)
         for step in range(start_step + 1, t.steps + 1):
             step_loss = 0.0
             corrupt: dict[str, int] = {}
@@ -468,6 +487,7 @@ class Trainer:
                     f.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
             window += mean_loss
             window_steps += 1
+            progress.update()
             if corrupt:
                 self.tracker.log_metrics({f"corrupt_images/{k.replace('/', '_')}": v for k, v in corrupt.items()}, step)
             if step % max(t.log_every, 1) == 0 or step == t.steps:
@@ -478,8 +498,7 @@ class Trainer:
                 engine.eval()
                 ev = evaluate(engine, self.val_batches(), self.device, dtype)
                 engine.train()
-                self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"],
-                                          **self.evaluate_ema()}, step=step)
+                self.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **self.evaluate_ema()}, step)
             stop = self.stop_requested(step)
             if (t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps) or stop:
                 tag = self.save(engine, step, stream, mix_rng)
@@ -489,6 +508,7 @@ class Trainer:
                     if self.rank == 0:
                         write_json(self.out_dir / PREEMPTED_FILE, {"step": step, "tag": tag, "reason": stop})
                     raise Preempted()
+        progress.close()
         return self.finish(engine, stream, mix_rng, dtype, global_batch)
 
     def evaluate_ema(self) -> dict:
@@ -508,6 +528,28 @@ class Trainer:
             return "stop_after"
         return None
 
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """To the tracker, and (rank 0) to metrics.jsonl, which the training plot is drawn from."""
+        self.tracker.log_metrics(metrics, step=step)
+        if self.rank == 0:
+            with open(self.out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def write_plots(self, confusion: torch.Tensor | None, step: int) -> None:
+        """Rank 0: the training curves and the held-out confusion matrix (JSON and PNG; None when
+        there are too many classes for one), logged to the run."""
+        stage, m = self.job.stage, self.manifest
+        files = [plot_training(read_history(self.out_dir / METRICS_FILE), self.out_dir / TRAINING_PLOT,
+                               f"{stage}: {self.world} rank(s), {self.t.image_size} px, {self.t.steps} steps")]
+        if confusion is not None:
+            files.append(write_confusion(self.out_dir, confusion, m.class_names, "val", step))
+            files.append(plot_confusion(confusion.tolist(), m.class_names, self.out_dir / CONFUSION_PLOT,
+                                        f"{stage}: val split after step {step}"))
+        else:
+            self.log(f"no confusion matrix: {m.num_classes} classes (more than {MAX_CONFUSION_CLASSES})")
+        for path in files:
+            self.tracker.log_artifact(path, "plots")
+
     def log_window(self, engine, step, window, window_steps, window_start, global_batch, flops_img, peak, stream):
         elapsed = time.perf_counter() - window_start
         ips = global_batch * window_steps / elapsed
@@ -523,7 +565,7 @@ class Trainer:
         }
         if self.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.tracker.log_metrics(metrics, step=step)
+        self.log_metrics(metrics, step)
         self.log(f"step {step}/{self.t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                  f"{ips:.1f} img/s mfu {metrics['mfu']:.2f}")
         self.result.update(train_loss=metrics["loss"], images_per_s=ips, mfu=metrics["mfu"])
@@ -533,9 +575,11 @@ class Trainer:
     def finish(self, engine, stream, mix_rng, dtype, global_batch) -> dict | None:
         t, job = self.t, self.job
         engine.eval()
-        ev = evaluate(engine, self.val_batches(), self.device, dtype)
+        classes = self.manifest.num_classes
+        ev = evaluate(engine, self.val_batches(), self.device, dtype,
+                      num_classes=classes if classes <= MAX_CONFUSION_CLASSES else None)
         ema = self.evaluate_ema()
-        self.tracker.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **ema}, step=t.steps)
+        self.log_metrics({"val_accuracy": ev["accuracy"], "val_loss": ev["loss"], **ema}, t.steps)
         self.result.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"], val_count=ev["count"],
                            steps=t.steps, image_size=t.image_size, global_batch=global_batch, **ema)
         written = "ema" if t.ema_weights else "raw"
@@ -552,6 +596,7 @@ class Trainer:
                                 stage=job.stage, steps=t.steps, val_accuracy=accuracy, weights_written=written,
                                 **job.extra_meta)
             save_weights_pair(self.out_dir, state, meta)
+            self.write_plots(ev.get("confusion"), t.steps)
             write_json(self.out_dir / RESULT_FILE, self.result)
         dist.barrier()
         return self.result if self.rank == 0 else None
