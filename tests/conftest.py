@@ -27,6 +27,27 @@ _environ_per_module = pytest.fixture(scope="module", autouse=True)(_restored_env
 _environ_per_test = pytest.fixture(autouse=True)(_restored_environ)
 
 
+def _build_deepspeed_cpu_comm_op() -> None:
+    """Build DeepSpeed's CPU communication op once, in its own process, before any test runs.
+
+    On CPU every rank JIT-compiles `deepspeed_shm_comm` on first use, guarded by a lock file in
+    ~/.cache/torch_extensions. A test that kills ranks on purpose (rank death, full disk,
+    launcher death) during that first build leaves the lock behind, and every later rank waits
+    on it forever. Built here, no test can interrupt the build.
+    """
+    if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+        return
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building DeepSpeed's CPU communication op failed:\n{proc.stderr[-3000:]}")
+
+
+def pytest_sessionstart(session):
+    _build_deepspeed_cpu_comm_op()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
