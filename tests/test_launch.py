@@ -116,7 +116,7 @@ def test_slurm_dry_run_script(capsys, tmp_path):
     d = sbatch_directives(script)
     assert d["nodes"] == "4" and d["ntasks-per-node"] == "1" and d["gpus-per-node"] == "8"
     assert d["time"] == "02:00:00" and d["partition"] == "gpu" and d["account"] == "vit"
-    assert d["signal"] == "B:USR1@120" and "requeue" in d and d["open-mode"] == "append"
+    assert d["signal"] == "B:USR1@30"  # tiny.yaml's pretrain.preemption_grace_s and "requeue" in d and d["open-mode"] == "append"
     assert d["mem"] == "32G" and d["cpus-per-task"] == "8"
     assert d["output"] == f"{tmp_path}/logs/%x-%j.out" and d["error"] == f"{tmp_path}/logs/%x-%j.err"
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
@@ -130,7 +130,7 @@ def test_slurm_dry_run_script(capsys, tmp_path):
     f = flags(inner[4:])
     assert f["nnodes"] == "$SLURM_NNODES" and f["node_rank"] == "$SLURM_NODEID" and f["nproc_per_node"] == "8"
     assert f["rdzv_endpoint"] == "$head_node:$rdzv_port" and f["rdzv_id"] == "$SLURM_JOB_ID"
-    assert f["shutdown_timeout"] == "120"  # torchrun's window to checkpoint: the same value as SLURM's lead
+    assert f["shutdown_timeout"] == "30"  # torchrun's window to checkpoint: the same value as SLURM's lead
     assert inner[inner.index("-m", 4) + 1:] == ["pipeline.train.worker", "--job", f"{tmp_path}/pretrain/job.json"]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell syntax
 
