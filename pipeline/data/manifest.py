@@ -25,12 +25,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.atomic import write_text
+from pipeline.run_layout import MANIFEST_FILE
 from pipeline.data.errors import DataError, MissingObject
 from pipeline.data.shard_format import IMAGE_SUFFIXES, read_shard
 from pipeline.data.storage import is_url, object_size, open_url, read_url
 
 MANIFEST_FORMAT = "vitpipe.shards/1"
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = MANIFEST_FILE  # the one spelling of the name, in the run layout (pipeline/run_layout.py)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # what Path() makes of a URL: it collapses "//", so "s3://b/k" becomes "s3:/b/k"
 _COLLAPSED_URL = re.compile(r"^(s3|https?):/[^/]")
