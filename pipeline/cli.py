@@ -8,6 +8,7 @@ the layout `vitpipe run` uses (``runs/<recipe name>/<stage>/``), so a run can be
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -36,8 +37,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rerun even if the outputs are up to date")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+# Commands parsed by a tool's own parser (module, adder), registered by `build_parser` only when asked for.
+TOOL_PARSERS = (
+    ("shards", "tools.shards", "add_shards_parser"),
+    ("eval", "tools.fewshot_cli", "add_eval_parser"),
+    ("predict", "pipeline.export.predict", "add_predict_parser"),
+    ("study", "stages.study", "add_study_parser"),
+)
+BENCH_PARSERS = (  # `vitpipe bench <what>`
+    ("tools.shards", "add_bench_data_parser"),
+    ("tools.bench_prepare", "add_bench_prepare_parser"),
+    ("tools.bench_train", "add_bench_train_parser"),
+    ("tools.bench_export", "add_bench_export_parser"),
+    ("tools.bench_tracking", "add_bench_tracking_parser"),
+    ("stages.compare_hybrid", "add_bench_hybrid_parser"),
+)
+# Registered by build_parser itself (and tools.submit_cli's light parsers).
+BUILTIN_COMMANDS = ("run", "prepare", "pretrain", "finetune", "export", "benchmark", "import-weights", "config",
+                    "submit", "status", "logs")
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand `argv` names: its first word that is not an option (the top level has no
+    options but --help); None when there is none."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the subcommand `argv` names (of every subcommand when it names none
+    or an unknown one, so --help and "invalid choice" list them all)."""
     parser = argparse.ArgumentParser(
         prog="vitpipe",
         description="Pre-train a Vision Transformer on sharded images with DeepSpeed ZeRO, fine-tune it at a "
@@ -116,34 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.submit_cli import add_submit_parsers
 
     add_submit_parsers(sub)
-    from tools.bench_export import add_bench_export_parser
-    from tools.bench_prepare import add_bench_prepare_parser
-    from tools.bench_train import add_bench_train_parser
-    from tools.shards import add_bench_data_parser, add_shards_parser
-
-    add_shards_parser(sub)
-    from tools.fewshot_cli import add_eval_parser
-
-    add_eval_parser(sub)
-    from pipeline.export.predict import add_predict_parser
-
-    add_predict_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step, hybrid vs plain",
-                           description="Benchmarks that print ratios against baselines measured in the same run.")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
-    add_bench_data_parser(bench_sub)
-    add_bench_prepare_parser(bench_sub)
-    add_bench_train_parser(bench_sub)
-    add_bench_export_parser(bench_sub)
-    from tools.bench_tracking import add_bench_tracking_parser
-
-    add_bench_tracking_parser(bench_sub)
-    from stages.study import add_study_parser
-
-    add_study_parser(sub)
-    from stages.compare_hybrid import add_bench_hybrid_parser
-
-    add_bench_hybrid_parser(bench_sub)
+    # The other tools' arguments live with their code, whose imports (torch, onnx, mlflow) take
+    # seconds: only the command being parsed is registered, so `vitpipe status` or a config error
+    # answers at once. `vitpipe --help`, or a command no parser knows, registers them all.
+    wanted = _command_of(argv)
+    everything = wanted not in BUILTIN_COMMANDS
+    for command, module, adder in TOOL_PARSERS:
+        if everything or wanted == command:
+            getattr(importlib.import_module(module), adder)(sub)
+    if everything or wanted == "bench":
+        bench = sub.add_parser("bench", help="benchmarks: data loading, prepare, training step, export, tracking, "
+                               "hybrid vs plain",
+                               description="Benchmarks that print ratios against baselines measured in the same run.")
+        bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="what")
+        for module, adder in BENCH_PARSERS:
+            getattr(importlib.import_module(module), adder)(bench_sub)
     return parser
 
 
@@ -239,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.memory import tune_malloc
 
     tune_malloc()  # image buffers: see pipeline/memory.py
-    parser = build_parser()
+    parser = build_parser(argv)
     # Overrides may come before or after options (`run r.yaml --workdir w a.b=1`); argparse stops
     # filling a positional list at the first option, so collect the stragglers here.
     args, extra = parser.parse_known_args(argv)
@@ -250,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from pipeline.config import ConfigError
     from pipeline.data.errors import DataError
-    from pipeline.train.preemption import REQUEUE_EXIT
-    from stages.training import TrainingPreempted
+    from pipeline.train.preemption import REQUEUE_EXIT, TrainingPreempted
 
     try:
         return dispatch(args)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
-def _cell(value: Any, spec: str | None = None) -> str:
+def _cell(value: Any, spec: str | Callable[[Any], str] | None = None) -> str:
     if spec is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return format(value, spec)
+        return spec(value) if callable(spec) else format(value, spec)
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
     if isinstance(value, (list, tuple)):
@@ -17,11 +17,17 @@ def _cell(value: Any, spec: str | None = None) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict], formats: dict[str, str] | None = None) -> str:
+def ratio(value: float) -> str:
+    """A ratio against a baseline, as every benchmark prints it: ``1.78x``."""
+    return f"{value:.2f}x"
+
+
+def format_table(rows: list[dict], formats: dict[str, str | Callable[[Any], str]] | None = None) -> str:
     """A plain-text table (columns in first-seen key order); numbers right-aligned, text left-aligned.
 
     `formats`: a format spec per column (``{"val accuracy": ".4f"}``) where a report has always
-    printed its figures to other precisions than the default (3 decimals; 1 from 1000 on)."""
+    printed its figures to other precisions than the default (3 decimals; 1 from 1000 on), or a
+    function of the number (`ratio`); either way the column stays a number's, right-aligned."""
     formats = formats or {}
     if not rows:
         return "(no rows)"

@@ -24,7 +24,8 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from pipeline.atomic import write_json
+from pipeline.atomic import write_json, write_text
+from pipeline.tables import format_table, ratio
 from pipeline.config import (ConfigError, DataConfig, HybridStageConfig, ModelConfig, PipelineConfig,
                              validate_hybrid_stage, validate_model, validate_train)
 from pipeline.track import NullTracker, Tracker
@@ -87,7 +88,7 @@ def run_stage(stage: HybridStageConfig, data: DataConfig, manifest: str | Path, 
     result = compare(cfg, Path(out_dir), stage.seeds, manifest if same_data else None, force)
     result["recipe_file"], result["overrides"] = stage.recipe, list(stage.overrides)
     write_json(Path(out_dir) / "compare.json", result)
-    (Path(out_dir) / "compare.txt").write_text(format_table(result) + "\n")
+    write_text(Path(out_dir) / "compare.txt", hybrid_table(result) + "\n")
     models = result["models"]
     tracker.log_metrics({f"{name}_{k}": v for name in models for k, v in
                          (("val_accuracy_mean", statistics.mean(models[name]["val_accuracy"])),
@@ -97,23 +98,23 @@ def run_stage(stage: HybridStageConfig, data: DataConfig, manifest: str | Path, 
     return result
 
 
-def format_table(r: dict) -> str:
+def hybrid_table(r: dict) -> str:
     """The comparison as text: one row per model, ratios against the plain ViT."""
     base = r["models"]["plain"]
+    rows = []
+    for name, row in r["models"].items():
+        acc, best = row["val_accuracy"], max(row["images_per_s"])
+        rows.append({"model": name, "params": f"{row['params'] / 1e6:.3f}M", "tokens": row["tokens"],
+                     "fwd MFLOPs/img": row["flops_per_image"] / 1e6,
+                     "FLOPs vs plain": row["flops_per_image"] / base["flops_per_image"],
+                     "val acc mean": statistics.mean(acc), "per seed": " ".join(f"{a:.4f}" for a in acc),
+                     "best img/s": best, "img/s vs plain": best / max(base["images_per_s"])})
     lines = [
         f"vitpipe bench hybrid: {r['recipe']}, {r['steps']} steps x {r['global_batch']} images at "
         f"{r['image_size']} px on {r['ranks']} ranks, seeds {' '.join(map(str, r['seeds']))}",
-        f"{'model':7s} {'params':>8s} {'tokens':>6s} {'fwd MFLOPs/img':>15s} {'vs plain':>8s} "
-        f"{'val acc mean':>12s} {'per seed':>22s} {'best img/s':>10s} {'vs plain':>8s}",
+        format_table(rows, {"fwd MFLOPs/img": ".1f", "FLOPs vs plain": ratio, "val acc mean": ".4f",
+                            "best img/s": ".1f", "img/s vs plain": ratio}),
     ]
-    for name, row in r["models"].items():
-        acc = row["val_accuracy"]
-        lines.append(
-            f"{name:7s} {row['params'] / 1e6:7.3f}M {row['tokens']:6d} {row['flops_per_image'] / 1e6:15.1f} "
-            f"{row['flops_per_image'] / base['flops_per_image']:7.2f}x {statistics.mean(acc):12.4f} "
-            f"{' '.join(f'{a:.4f}' for a in acc):>22s} {max(row['images_per_s']):10.1f} "
-            f"{max(row['images_per_s']) / max(base['images_per_s']):7.2f}x"
-        )
     h, p = r["models"]["hybrid"]["val_accuracy"], base["val_accuracy"]
     wins = sum(a > b for a, b in zip(h, p))
     lines.append(f"hybrid - plain val accuracy: {statistics.mean(h) - statistics.mean(p):+.4f} on average; "
@@ -139,5 +140,5 @@ def run_bench_hybrid(args: argparse.Namespace) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds: each seed once, got {args.seeds}")
     workdir = args.workdir or Path("runs") / f"{cfg.name}-bench"
-    print(format_table(compare(cfg, workdir, args.seeds)))
+    print(hybrid_table(compare(cfg, workdir, args.seeds)))
     return 0

@@ -120,18 +120,19 @@ def summary_table(summary: dict) -> str:
     bench = summary.get("benchmark") or {}
     if bench.get("rows"):
         lines += list(bench.get("notices") or [])  # a fallback changes what every figure below means
-        lines.append(f"{'variant':<12} {'batch':>5} {'ORT p50 ms':>11} {'torch p50 ms':>13} {'ORT img/s':>10} "
-                     f"{'torch img/s':>12} {'ORT/torch':>10}")
-        for r in bench["rows"]:
-            lines.append(f"{str(r.get('variant') or '-'):<12} {r['batch_size']:>5} {r['ort_p50_ms']:>11.3f} "
-                         f"{r['torch_p50_ms']:>13.3f} {r['ort_images_per_s']:>10.1f} {r['torch_images_per_s']:>12.1f} "
-                         f"{r['speedup']:>9.2f}x")
+        from pipeline.tables import format_table, ratio
+
+        lines.append(format_table(
+            [{"variant": r.get("variant"), "batch": r["batch_size"], "ORT p50 ms": r["ort_p50_ms"],
+              "torch p50 ms": r["torch_p50_ms"], "ORT img/s": r["ort_images_per_s"],
+              "torch img/s": r["torch_images_per_s"], "ORT/torch": r["speedup"]} for r in bench["rows"]],
+            {"ORT p50 ms": ".3f", "torch p50 ms": ".3f", "ORT img/s": ".1f", "torch img/s": ".1f", "ORT/torch": ratio}))
         lines.append(f"onnxruntime providers used: {', '.join(bench.get('providers', []))}")
         if bench.get("registered"):
             lines.append(f"registered: {bench['registered']['model_uri']}")
     if summary.get("hybrid"):
-        from stages.compare_hybrid import format_table
-        lines += ["", format_table(summary["hybrid"])]
+        from stages.compare_hybrid import hybrid_table
+        lines += ["", hybrid_table(summary["hybrid"])]
     return "\n".join(lines)
 
 

@@ -18,16 +18,12 @@ from pipeline.run_layout import CHECKPOINTS_DIR, JOB_FILE, RESULT_FILE, TRAIN_LO
 from pipeline.track import MLflowTracker, Tracker, continue_previous_run
 from pipeline.train import checkpoints
 from pipeline.train.loop import PREEMPTED_FILE, TrainJob
-from pipeline.train.preemption import REQUEUE_EXIT
+from pipeline.train.preemption import REQUEUE_EXIT, TrainingPreempted
 from pipeline.train.worker import ERROR_PREFIX, EXIT_PREFIX, WORKER_MODULE
 
 
 class TrainingError(RuntimeError):
     """A training stage whose ranks failed; the message is the failing rank's own error."""
-
-
-class TrainingPreempted(RuntimeError):
-    """The ranks stopped on request after committing a checkpoint; running the stage again resumes."""
 
 
 @contextmanager

@@ -96,6 +96,28 @@ def s3_env(s3_server, monkeypatch):
     return client, bucket
 
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "tiny.yaml"
+# The tiny recipe as tests/test_end_to_end.py runs it, evaluating every other step so that the
+# plots (tests/test_plots.py) have an accuracy curve to draw.
+TINY_RUN_ARGS = (str(TINY), "pretrain.eval_every=2")
+
+
+def vitpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`vitpipe ARGS` as a user runs it: a new process, output captured."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One `vitpipe run` of the tiny recipe (every stage, 2 gloo ranks) against a real MLflow store
+    (sqlite), shared by the end-to-end and plot tests: <cwd>/w is its run folder. Read it; a test
+    that moves it puts it back."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    proc = vitpipe("run", *TINY_RUN_ARGS, "--workdir", "w", cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"cwd": cwd, "work": cwd / "w", "env": env, "proc": proc, "args": TINY_RUN_ARGS}
 
 
 @pytest.fixture(scope="session")

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
+from conftest import vitpipe
 
 pytestmark = pytest.mark.slow
 
 
-def vitpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    proc = vitpipe("run", str(TINY), "--workdir", "w", cwd=cwd, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"cwd": cwd, "work": cwd / "w", "env": env, "proc": proc}
+def run(tiny_run):
+    return tiny_run  # conftest.py: the run is shared with tests/test_plots.py
 
 
 def test_every_stage_wrote_its_files(run):
@@ -146,8 +133,7 @@ def test_lineage_leads_from_the_benchmark_back_to_the_dataset(run):
 
 def test_second_run_skips_stages_whose_inputs_are_unchanged(run):
     t0 = time.perf_counter()
-    proc = vitpipe("run", str(TINY), "--workdir", "w", cwd=run["cwd"],
-                   env=run["env"])
+    proc = vitpipe("run", *run["args"], "--workdir", "w", cwd=run["cwd"], env=run["env"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
         assert f"[{stage}] up to date" in proc.stdout
@@ -155,14 +141,17 @@ def test_second_run_skips_stages_whose_inputs_are_unchanged(run):
 
 
 def test_moved_run_folder_is_still_up_to_date(run):
-    # Last in this file: it moves the run folder the tests above read.
+    # Moves the run folder the other tests read, and puts it back (tests/test_plots.py reads it too).
     moved = run["cwd"] / "elsewhere" / "w2"
     moved.parent.mkdir()
     shutil.move(str(run["work"]), str(moved))
-    proc = vitpipe("run", str(TINY), "--workdir", str(moved), cwd=run["cwd"], env=run["env"])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
-        assert f"[{stage}] up to date" in proc.stdout, stage
-    summary = json.loads((moved / "summary.json").read_text())
-    assert summary["pretrain"]["weights"] == str((moved / "pretrain" / "model.safetensors").resolve())
-    assert summary["prepare"]["manifest"] == str((moved / "prepare" / "manifest.json").resolve())
+    try:
+        proc = vitpipe("run", *run["args"], "--workdir", str(moved), cwd=run["cwd"], env=run["env"])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
+            assert f"[{stage}] up to date" in proc.stdout, stage
+        summary = json.loads((moved / "summary.json").read_text())
+        assert summary["pretrain"]["weights"] == str((moved / "pretrain" / "model.safetensors").resolve())
+        assert summary["prepare"]["manifest"] == str((moved / "prepare" / "manifest.json").resolve())
+    finally:
+        shutil.move(str(moved), str(run["work"]))

@@ -265,7 +265,7 @@ def test_fp16_without_fp32_io_takes_and_returns_fp16(tmp_path):
 def test_a_variant_that_fails_while_written_leaves_no_file(trained, tmp_path, monkeypatch):
     from pipeline.export import precision
 
-    def broken(src, dst, calibration):  # a fake only here: this test is about the quantizer failing
+    def broken(src, dst, calibration, **options):  # a fake only here: this test is about the quantizer failing
         open(dst, "wb").write(b"half a model")
         raise RuntimeError("calibration exploded")
 
@@ -350,3 +350,17 @@ def test_fused_and_fp16_graphs_on_cuda_match_pytorch(exported, trained):
         session = _cuda_session_or_skip(out / variant_file(name))
         report = check_parity(out / variant_file(name), model, images, session=session)
         assert report["max_abs_diff"] < tolerance and report["top1_agreement"] >= 0.995, (name, report)
+
+
+def test_int8_weights_are_7_bit_exactly_where_the_cpu_would_saturate(exported):
+    """x86 without VNNI multiplies u8 x s8 with VPMADDUBSW, whose 16-bit sums saturate: there the
+    quantizers use 7-bit weights (reduce_range); the file records which."""
+    from pipeline.export import precision
+
+    assert precision.cpu_has_vnni("flags : fpu sse avx2 avx512f avx512_vnni") is True
+    assert precision.cpu_has_vnni("flags : fpu sse avx2 avx_vnni") is True
+    assert precision.cpu_has_vnni("flags : fpu sse avx2 fma") is False
+    info, out, _ = exported
+    bits = 7 if precision.int8_reduce_range() else 8
+    for variant in ("int8_dynamic", "int8_static"):
+        assert read_metadata(out / variant_file(variant))["int8_weight_bits"] == bits

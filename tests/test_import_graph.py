@@ -230,3 +230,26 @@ def test_only_launch_knows_schedulers():
 def test_nothing_below_the_entry_layer_imports_the_cli():
     importers = sorted(m for m, deps in _graph().items() if "pipeline.cli" in deps)
     assert importers == ["pipeline.__main__"]
+
+
+def test_the_cli_answers_light_commands_without_importing_the_heavy_libraries():
+    """`vitpipe config`, `status`, a config error or `submit --dry-run` answer in a fraction of a
+    second: the tools' parsers (torch, onnx, mlflow behind them) are registered only when asked for."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"tiny = {str(ROOT / 'configs' / 'pipeline' / 'tiny.yaml')!r}\n"
+        "codes = [main(['config', tiny]), main(['config', tiny, 'pretrain.lr=.nan']),\n"
+        "         main(['submit', tiny, '--target', 'slurm', '--dry-run'])]\n"
+        "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'mlflow', 'deepspeed') if m in sys.modules)\n"
+        "print('RESULT', codes, heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "RESULT [0, 2, 0] []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # and a tool command still finds its own parser
+    from pipeline.cli import build_parser
+
+    args = build_parser(["bench", "export", "--rounds", "2"]).parse_args(["bench", "export", "--rounds", "2"])
+    assert args.bench_command == "export" and args.rounds == 2

@@ -288,6 +288,75 @@ def test_pytorchjob_schema_rejects_what_the_operator_would(pytorchjob_schema):
         jsonschema.validate(bad, pytorchjob_schema)
 
 
+# --------------------------------------------------------------------------- command jobs
+
+
+def test_the_whole_pipeline_as_a_slurm_job_is_one_task_running_vitpipe_run(capsys, tmp_path):
+    script = dry_run(capsys, "pretrain.steps=5", "--stage", "run", "--target", "slurm", "--gpus-per-node", "4",
+                     "--workdir", str(tmp_path))
+    d = sbatch_directives(script)
+    assert d["nodes"] == "1" and d["gpus-per-node"] == "4" and d["signal"] == "B:USR1@30" and "requeue" in d
+    srun = next(shlex.split(l) for l in script.splitlines() if l.startswith("srun "))
+    assert "--cpus-per-task=8" in srun and srun[-1] == "&"
+    command = srun[srun.index(sys.executable):-1]
+    assert command == [sys.executable, "-m", "pipeline", "run", str(TINY), "pretrain.steps=5", "pretrain.ranks=4",
+                       "finetune.ranks=4", "--workdir", str(tmp_path)]
+    # requeued when SLURM preempts it and when a training stage inside stops after its checkpoint
+    assert 'if [ "$preempted" = 1 ] || [ "$status" = 75 ]; then scontrol requeue "$SLURM_JOB_ID"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("stage, ranks", [("prepare", []), ("finetune", ["finetune.ranks=2"]), ("export", []),
+                                          ("benchmark", [])])
+def test_every_stage_runs_as_its_own_command_on_one_node(capsys, tmp_path, stage, ranks):
+    assert dry_run(capsys, "--stage", stage, "--gpus-per-node", "2", "--workdir", str(tmp_path)) == shlex.join(
+        [sys.executable, "-m", "pipeline", stage, str(TINY), *ranks, "--workdir", str(tmp_path)]) + "\n"
+    script = dry_run(capsys, "--stage", stage, "--target", "slurm", "--manifest", "s3://b/m.json",
+                     "--workdir", str(tmp_path))
+    srun = next(shlex.split(l) for l in script.splitlines() if l.startswith("srun "))
+    # only the stages that read a manifest are given one
+    assert ("--manifest" in srun) is (stage in ("finetune", "export"))
+
+
+@pytest.fixture(scope="module")
+def batch_job_schema() -> dict:
+    import kubernetes.client  # noqa: F401  (installed with the test extra's kubeflow-training)
+    defs: dict = {}
+    root = openapi_schema("V1Job", defs)
+    return {**root, "$defs": defs}
+
+
+def test_a_stage_on_kubernetes_is_a_valid_batch_job(capsys, batch_job_schema):
+    out = dry_run(capsys, "--stage", "export", "--target", "k8s", "--no-gpu", "--image", "reg.io/vitpipe:cpu",
+                  "--mem-gib", "8", "--workdir", "runs/tiny")
+    job = yaml.safe_load(out)
+    jsonschema.validate(job, batch_job_schema)
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job" and job["metadata"]["labels"]["vitpipe/stage"] == "export"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] == 30
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "pipeline", "export", str(TINY), "--workdir", "/workspace/runs/tiny"]
+    assert c["resources"]["requests"] == {"cpu": "8", "memory": "8Gi"} and c["resources"]["limits"] == {}
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/workspace/runs/tiny", "/dev/shm"}
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["template"]["spec"]["containers"][0]["comand"] = ["typo"]
+    with pytest.raises(jsonschema.ValidationError, match="comand"):
+        jsonschema.validate(bad, batch_job_schema)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "export", "--target", "torchrun", "--rdzv", "h:1"],
+     "--stage export with --target torchrun: torchrun starts the ranks of a multi-node pre-training"),
+    (["--stage", "finetune", "--target", "hostfile", "--hosts", "a"], "run --stage finetune with --target local, slurm or k8s"),
+    (["--stage", "run", "--target", "slurm", "--nodes", "2"],
+     "--stage run runs on one node (1 rank(s) there for its training); only pretrain spans nodes"),
+], ids=["export-on-torchrun", "finetune-on-hostfile", "run-on-two-nodes"])
+def test_a_command_job_where_it_cannot_run_is_refused_by_name(capsys, args, message):
+    assert main(["submit", str(TINY), "--dry-run", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- missing tools
 
 
@@ -323,23 +392,20 @@ def step_losses(text: str) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_on_loopback_match_two_local_ranks(prepared, tmp_path, monkeypatch):
-    from stages import pretrain
-
+def test_two_torchrun_nodes_on_loopback_match_two_local_ranks(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the submitted run's
 
-    overrides = ["pretrain.steps=4", "pretrain.log_every=1", "pretrain.checkpoint_every=0"]
+    # reference: the pretrain stage of conftest's tiny `vitpipe run`, 2 ranks on one node
+    overrides = list(tiny_run["args"][1:])
     cfg = load_config(TINY, overrides)
-    # reference: the pretrain stage, 2 ranks on one node
-    ref = pretrain.run(cfg.model, cfg.pretrain.__class__(**{**cfg.pretrain.__dict__, "ranks": 2}),
-                       prepared / "prepare" / "manifest.json", tmp_path / "ref")
-    ref_losses = step_losses((tmp_path / "ref" / "train.log").read_text())
-    assert sorted(ref_losses) == [1, 2, 3, 4]
+    ref = json.loads((tiny_run["work"] / "pretrain" / "result.json").read_text())
+    ref_losses = step_losses((tiny_run["work"] / "pretrain" / "train.log").read_text())
+    assert sorted(ref_losses) == [2, 4, 6] and ref["world_size"] == 2
 
     # two "nodes": one torchrun agent each, one rank each, meeting at a c10d rendezvous on loopback
     work = tmp_path / "multi"
     work.mkdir()
-    (work / "prepare").symlink_to(prepared / "prepare")
+    (work / "prepare").symlink_to(tiny_run["work"] / "prepare")
     spec = JobSpec(recipe=str(TINY), overrides=overrides, workdir=str(work), nodes=2, gpus_per_node=1,
                    rdzv_endpoint=f"127.0.0.1:{free_port()}", name="two-nodes")
     from stages.submit import write_submitted_job
@@ -497,68 +563,39 @@ def test_slurm_submit_status_and_logs(slurm_cluster, prepared, tmp_path, monkeyp
     assert sorted(step_losses(logs)) == [1, 2, 3]
     result = json.loads((work / "pretrain" / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 3
-    assert (work / "pretrain" / "model.safetensors").is_file()
+    weights = work / "pretrain" / "model.safetensors"
+    trained_at = weights.stat().st_mtime_ns
+    submitted = json.loads((work / "pretrain" / "submitted.json").read_text())  # its MLflow run, RUNNING until recorded
 
-
-@pytest.mark.slow
-def test_a_submitted_job_is_a_first_class_run(prepared, tmp_path, monkeypatch, capsys):
-    """`vitpipe submit` starts the stage as a local run would (MLflow run, checkpoint settings);
-    the ranks log to that run; a later `vitpipe pretrain` takes the finished job as done (stage
-    record written, run ended FINISHED) instead of wiping and retraining it."""
+    # The rest of the pipeline as a second job, on the same run folder: it takes the finished
+    # pre-training as done and writes every stage record and MLflow run as a local run would.
+    rest = ["export.variants=[fp32]", "benchmark.batch_sizes=[1]", "benchmark.concurrency=[1]"]
+    assert main(["submit", str(TINY), *args[2:5], *rest, "--stage", "run", *args[5:]]) == 0
+    run_id = capsys.readouterr().out.strip()
+    _wait_for(lambda: state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 300,
+              f"SLURM job {run_id}", slurm_cluster["logs"] + [work / "logs" / f"vitpipe-slurm-test-{run_id}.out",
+                                                              work / "logs" / f"vitpipe-slurm-test-{run_id}.err"])
+    assert main(["logs", str(work)]) == 0
+    logs = capsys.readouterr().out
+    assert main(["status", run_id]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "COMPLETED", logs[-4000:]
+    assert "the submitted job finished: recorded, not trained again" in logs
+    assert weights.stat().st_mtime_ns == trained_at  # adopted, not trained again
+    for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
+        assert json.loads((work / stage / "stage.json").read_text())["stage"] == stage
     import mlflow
 
-    work = tmp_path / "submitted"
-    work.mkdir()
-    (work / "prepare").symlink_to(prepared / "prepare")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # torchrun
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    overrides = ["pretrain.steps=4", "pretrain.log_every=1", "pretrain.checkpoint_every=2"]
-    code = main(["submit", str(TINY), *overrides, "--target", "torchrun", "--gpus-per-node", "2",
-                 "--rdzv", f"127.0.0.1:{free_port()}", "--workdir", str(work), "--no-gpu"])
-    assert code == 0, capsys.readouterr().err[-3000:]
-    out = work / "pretrain"
-    submitted = json.loads((out / "submitted.json").read_text())
-    assert not (out / "stage.json").exists()  # not recorded until a run of the same settings sees it
-    client = mlflow.tracking.MlflowClient(uri)
-    run = client.get_run(submitted["mlflow_run_id"])
-    assert run.info.status == "RUNNING"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-    weights_mtime = (out / "model.safetensors").stat().st_mtime_ns
-
-    capsys.readouterr()
-    assert main(["pretrain", str(TINY), *overrides, "--workdir", str(work)]) == 0
-    printed = capsys.readouterr().out
-    assert "the submitted job finished: recorded, not trained again" in printed
-    assert (out / "model.safetensors").stat().st_mtime_ns == weights_mtime  # not retrained
-    assert json.loads((out / "stage.json").read_text())["result"]["submitted"] is True
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "tiny"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert parent.info.status == "FINISHED"
+    assert {k: r.info.status for k, r in children.items()} == {
+        s: "FINISHED" for s in ("prepare", "pretrain", "finetune", "export", "benchmark")}
+    # the pipeline's pretrain run points to the submitted job's run, which the adoption ended FINISHED
+    assert children["pretrain"].data.tags["vitpipe.continued_in"] == submitted["mlflow_run_id"]
     assert client.get_run(submitted["mlflow_run_id"]).info.status == "FINISHED"
-    assert not (out / "submitted.json").exists()
-    # and from then on it is an ordinary completed stage
-    assert main(["pretrain", str(TINY), *overrides, "--workdir", str(work)]) == 0
-    assert "up to date" in capsys.readouterr().out
-
-
-def test_a_stale_deepspeed_build_lock_is_refused_by_name_before_any_rank_starts(tmp_path, monkeypatch):
-    """A killed first build leaves torch_extensions' lock file; ranks would wait on it forever."""
-    from pipeline.launch.local import LaunchError, STALE_LOCK_S, launch_local
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory("deepspeed_shm_comm", False)) / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.touch()
-    old = time.time() - STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    with pytest.raises(LaunchError, match=re.escape(str(lock)) + r" is 16 min old.*delete it") as err:
-        launch_local(["pipeline.train.worker", "--job", str(tmp_path / "job.json")], 2, tmp_path / "train.log")
-    assert err.value.exit_code == 1
-    assert not (tmp_path / "train.log").exists()  # nothing started, nothing written
-    # a fresh lock (a build in progress) is waited on as torch does, not refused
-    os.utime(lock, None)
-    from pipeline.launch.local import stale_extension_locks
-
-    assert stale_extension_locks() == []
+    # and here, a later `vitpipe run` of the same settings finds every stage done
+    assert main(["run", str(TINY), *args[2:5], *rest, "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{stage}] up to date" in out for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"))

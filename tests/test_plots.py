@@ -1,7 +1,8 @@
-"""Plots as MLflow artifacts, per stage: real tiny pretrain (2 gloo ranks), finetune and export runs
-logging to a real MLflow store (sqlite, artifacts in a local folder). The PNGs must exist, decode as
-images of a plausible size and be in the stage's run; the confusion matrix must count every
-held-out image once and agree exactly with the accuracy the stage reports."""
+"""Plots as MLflow artifacts, per stage: the real tiny pretrain (2 gloo ranks), finetune and export
+runs of conftest's one `vitpipe run`, logging to a real MLflow store (sqlite, artifacts in a local
+folder). The PNGs must exist, decode as images of a plausible size and be in the stage's run; the
+confusion matrix must count every held-out image once and agree exactly with the accuracy the
+stage reports."""
 
 from __future__ import annotations
 
@@ -11,16 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import TrackingConfig, load_config
 from pipeline.data.manifest import load_manifest
 from pipeline.eval.confusion import accuracy_of
 from pipeline.eval.plots import plot_confusion, plot_training
 from pipeline.run_layout import CONFUSION_PLOT, TRAINING_PLOT, VARIANTS_PLOT
-from pipeline.track import MLflowTracker, start_tracker
-from stages import export, finetune, prepare, pretrain
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -35,26 +30,20 @@ def _png(path: Path, min_w: int = 300, min_h: int = 200) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    work = tmp_path_factory.mktemp("plots")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    cfg = load_config(TINY, ["pretrain.eval_every=2", "pretrain.steps=6", "finetune.ranks=1",
-                             "export.variants=[fp32, int8_dynamic]"])
-    manifest = prepare.run(cfg.data, work / "prepare")["manifest"]
-    out = {"work": work, "uri": uri, "manifest": manifest}
-    tcfg = TrackingConfig(uri=uri, experiment="plots", system_metrics_interval=0)
+def runs(tiny_run):
+    """The stages of conftest's one tiny `vitpipe run` (pre-training evaluates every other step):
+    per stage, the result its stage record holds and its MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    work, uri = tiny_run["work"], tiny_run["env"]["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri)
+    children = {r.info.run_name: r.info.run_id
+                for r in client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags}
+    out = {"work": work, "uri": uri, "manifest": work / "prepare" / "manifest.json"}
     for stage in ("pretrain", "finetune", "export"):
-        tracker = start_tracker(tcfg, run_name=stage)
-        assert isinstance(tracker, MLflowTracker)
-        if stage == "pretrain":
-            result = pretrain.run(cfg.model, cfg.pretrain, manifest, work / stage, tracker)
-        elif stage == "finetune":
-            result = finetune.run(cfg.finetune, manifest, work / "pretrain" / "model.safetensors", work / stage,
-                                  tracker)
-        else:
-            result = export.run(cfg.export, work / "finetune" / "model.safetensors", manifest, work / stage, tracker)
-        tracker.finish()
-        out[stage] = {"result": result, "run_id": tracker.run_id}
+        out[stage] = {"result": json.loads((work / stage / "stage.json").read_text())["result"],
+                      "run_id": children[stage]}
     return out
 
 

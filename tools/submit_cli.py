@@ -14,8 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.launch.targets import (SUBMIT_TOOLS, TARGETS, JobSpec, SubmitError, job_logs, job_status,
-                                     passthrough_env, render, require_tool, submit)
+from pipeline.launch.targets import (SUBMIT_STAGES, SUBMIT_TOOLS, TARGETS, JobSpec, SubmitError, job_logs,
+                                     job_status, passthrough_env, render, require_target, require_tool, submit)
 
 COMMANDS = ("submit", "status", "logs")
 
@@ -23,15 +23,22 @@ COMMANDS = ("submit", "status", "logs")
 def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the submit, status and logs subcommands to the `vitpipe` parser's subparsers."""
     p = sub.add_parser(
-        "submit", help="launch pre-training on N nodes: local, torchrun, SLURM, Kubernetes, DeepSpeed hostfile",
-        description="Describe a pre-training job of nodes x gpus-per-node ranks and hand it to --target. Every "
-        "rank runs `python -m pipeline.train.worker --job <workdir>/pretrain/job.json`, the job this command "
-        "writes from the recipe before it submits; the job reads <workdir>/prepare/manifest.json (run "
-        "`vitpipe prepare` first) and writes <workdir>/pretrain/. --dry-run prints exactly what would be "
-        "submitted and exits, writing nothing.")
+        "submit", help="run a stage or the whole pipeline as a cluster job: local, torchrun, SLURM, Kubernetes, "
+        "DeepSpeed hostfile",
+        description="Describe a job and hand it to --target. --stage pretrain (the default) is a job of nodes x "
+        "gpus-per-node ranks: every rank runs `python -m pipeline.train.worker --job <workdir>/pretrain/job.json`, "
+        "the job this command writes from the recipe before it submits; it reads <workdir>/prepare/manifest.json "
+        "(run `vitpipe prepare` first, or submit --stage prepare) and writes <workdir>/pretrain/. Any other "
+        "--stage, or `run` for the whole pipeline, is one node running that `vitpipe` command (its training on "
+        "gpus-per-node ranks) under SLURM, Kubernetes (a batch Job) or here: the same stage records and MLflow "
+        "runs as a local run, so a later `vitpipe run` finds those stages done. --dry-run prints exactly what "
+        "would be submitted and exits, writing nothing.")
     p.add_argument("recipe", help="recipe YAML (a path the nodes can read)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.steps=50")
     p.add_argument("--target", choices=TARGETS, default="local", help="where the job runs (default local)")
+    p.add_argument("--stage", choices=SUBMIT_STAGES, default="pretrain",
+                   help="the stage to run, or `run` for the whole pipeline (default pretrain; only pretrain "
+                   "spans several nodes)")
     p.add_argument("--nodes", type=int, default=1, help="machines, one launcher agent each")
     p.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node (one per GPU; on CPU, processes)")
     p.add_argument("--node-rank", type=int, help="torchrun: run (or print) only this node's command")
@@ -62,6 +69,14 @@ def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("job", help="SLURM job id or run folder")
 
 
+def grace_seconds(cfg, stage: str) -> int:
+    """The job's preemption window: its training stage's `preemption_grace_s` (the longer of the
+    two for the whole pipeline; pre-training's for a job that trains nothing)."""
+    if stage == "run":
+        return max(cfg.pretrain.preemption_grace_s, cfg.finetune.preemption_grace_s)
+    return (cfg.finetune if stage == "finetune" else cfg.pretrain).preemption_grace_s
+
+
 def spec_from_args(args: argparse.Namespace, cfg=None) -> JobSpec:
     """The JobSpec of parsed `submit` arguments (the recipe is validated first)."""
     from pipeline.config import load_config
@@ -70,13 +85,13 @@ def spec_from_args(args: argparse.Namespace, cfg=None) -> JobSpec:
     workdir = args.workdir or Path("runs") / cfg.name
     name = args.name or "vitpipe-" + re.sub(r"[^a-z0-9-]+", "-", cfg.name.lower()).strip("-")
     return JobSpec(
-        recipe=args.recipe, overrides=list(args.overrides), workdir=str(workdir), nodes=args.nodes,
+        recipe=args.recipe, overrides=list(args.overrides), workdir=str(workdir), stage=args.stage, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, name=name, rdzv_endpoint=args.rdzv, rdzv_backend=args.rdzv_backend,
         max_restarts=args.max_restarts, manifest=str(args.manifest) if args.manifest else None,
         hosts=[h for h in (args.hosts or "").split(",") if h], image=args.image, time_limit=args.time,
         partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, gpu=not args.no_gpu,
         memory_gib=args.mem_gib, gang_scheduler=args.gang_scheduler,
-        grace_seconds=cfg.pretrain.preemption_grace_s,  # the one preemption window (the recipe's)
+        grace_seconds=grace_seconds(cfg, args.stage),  # the one preemption window (the recipe's)
         python=args.python or sys.executable, env=passthrough_env(),
     )
 
@@ -84,15 +99,18 @@ def spec_from_args(args: argparse.Namespace, cfg=None) -> JobSpec:
 def run_submit(args: argparse.Namespace) -> int:
     """`vitpipe submit`: print (--dry-run) or submit; prints the job id for schedulers."""
     from pipeline.config import load_config
-    from stages.submit import write_submitted_job
 
     cfg = load_config(args.recipe, args.overrides)
     spec = spec_from_args(args, cfg)
     if args.dry_run:
         sys.stdout.write(render(spec, args.target, args.node_rank))
         return 0
-    if args.target != "local":  # the local target runs the stage command, which writes its own job
+    require_target(spec, args.target)
+    if args.target != "local":
         require_tool(SUBMIT_TOOLS[args.target])  # a missing scheduler fails first, before anything is written
+    if args.target != "local" and not spec.command_job:  # the stage commands write their own jobs
+        from stages.submit import write_submitted_job  # torch and the stages: only for a job that is submitted
+
         write_submitted_job(cfg, spec, args.target)
     info = submit(spec, args.target, args.node_rank)
     if "job_id" in info:

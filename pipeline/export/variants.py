@@ -136,17 +136,19 @@ def _copy(proto):
 
 def _quantized(variant: str, src: Path, path: Path, calibration: np.ndarray | None, *, image_size, in_channels: int,
                opset: int, metadata: dict) -> Path:
+    reduce_range = precision.int8_reduce_range()  # 7-bit weights where this CPU's int8 kernels saturate
     with staged_file(path) as tmp:
         try:
             if variant == "int8_dynamic":
-                precision.quantize_int8_dynamic(src, tmp)
+                precision.quantize_int8_dynamic(src, tmp, reduce_range=reduce_range)
             else:
-                precision.quantize_int8_static(src, tmp, precision.ImageBatches(calibration))
+                precision.quantize_int8_static(src, tmp, precision.ImageBatches(calibration), reduce_range=reduce_range)
         except Exception as e:
             raise ExportError(f"{path}: {variant} quantization failed: {type(e).__name__}: {e}") from e
         proto = onnx.load(str(tmp))
-        set_metadata(proto, {**metadata, **({"calibration_images": int(len(calibration))}
-                                            if variant == "int8_static" and calibration is not None else {})})
+        set_metadata(proto, {**metadata, "int8_weight_bits": 7 if reduce_range else 8,
+                             **({"calibration_images": int(len(calibration))}
+                                if variant == "int8_static" and calibration is not None else {})})
         save_model(proto, tmp)
         verify_onnx(tmp, in_channels=in_channels, image_size=image_size, opset=opset, name=path)
     return path

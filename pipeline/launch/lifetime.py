@@ -15,6 +15,11 @@ import os
 import signal
 import sys
 
+# The exit status of a job that stopped on request after committing a checkpoint (preemption,
+# a time limit): EX_TEMPFAIL from sysexits.h, "temporary failure, try again". The ranks exit with
+# it, `vitpipe` passes it on, and the SLURM scripts requeue on it.
+REQUEUE_EXIT = 75
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _parent_at_start: int | None = None
 

@@ -1,6 +1,7 @@
-"""Describe one training job and render it for a launcher: local, torchrun, SLURM, Kubernetes, DeepSpeed.
+"""Describe one job and render it for a launcher: local, torchrun, SLURM, Kubernetes, DeepSpeed.
 
-Every multi-node target runs the same per-rank program, ``python -m <spec.worker_module> --job
+A job is one stage of a recipe, or the whole pipeline (``stage="run"``). Pre-training is the one
+multi-node stage: every multi-node target runs the same per-rank program, ``python -m <spec.worker_module> --job
 <workdir>/<stage>/job.json`` (the training worker, reading the typed job the orchestrator wrote
 once; this module names it but never imports it), under a launcher that starts one agent per node:
 
@@ -11,12 +12,18 @@ once; this module names it but never imports it), under a launcher that starts o
             the training operator injects
   hostfile  a DeepSpeed hostfile and the ``deepspeed --hostfile`` command (pdsh/ssh to every host)
 
+Every other stage, and the whole pipeline, is a *command job*: one node runs the stage's own
+``vitpipe <stage>`` (or ``vitpipe run``) command, its training stages on ``gpus_per_node`` ranks
+there, so it writes the same stage records and MLflow runs as a run on a workstation and a later
+``vitpipe run`` of the same settings finds its stages done (a finished pre-training job it did not
+start is adopted, `stages.pretrain`). Targets: local, slurm (an sbatch script of one task), k8s
+(a batch/v1 Job of one pod); torchrun and hostfile start ranks of a multi-node pre-training only.
+
 Rendering is pure (a `JobSpec` in, text or argv out); `submit` and the status/log readers run tools.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -29,9 +36,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from pipeline.atomic import write_json
-from pipeline.run_layout import JOB_FILE, RESULT_FILE, TRAIN_LOG, RunLayout
+from pipeline.launch.lifetime import REQUEUE_EXIT
+from pipeline.run_layout import JOB_FILE, RESULT_FILE, STAGE_RECORD, TRAIN_LOG, RunLayout
 
 TARGETS = ("local", "torchrun", "slurm", "k8s", "hostfile")
+SUBMIT_STAGES = ("prepare", "pretrain", "finetune", "export", "benchmark", "run")  # "run": the whole pipeline
+MULTI_NODE_STAGES = ("pretrain",)  # ranks on many nodes, started by a launcher per node
+COMMAND_TARGETS = ("local", "slurm", "k8s")  # where a command job (every other stage) can run
+# `vitpipe <stage>` options that name the stage's inputs: only these stages take --manifest
+MANIFEST_STAGES = ("pretrain", "finetune", "export")
 # The command each target hands the job to (checked before anything is written or submitted).
 SUBMIT_TOOLS = {"torchrun": "torchrun", "slurm": "sbatch", "k8s": "kubectl", "hostfile": "deepspeed"}
 DEFAULT_RDZV_PORT = 29500
@@ -75,8 +88,8 @@ class JobSpec:
     """Shared run folder: <workdir>/prepare/manifest.json is read, <workdir>/<stage>/ is written."""
     overrides: list[str] = field(default_factory=list)
     """Dotted ``key=value`` overrides, passed through unchanged."""
-    stage: Literal["pretrain"] = "pretrain"
-    """The training stage every rank runs."""
+    stage: Literal["prepare", "pretrain", "finetune", "export", "benchmark", "run"] = "pretrain"
+    """The stage the job runs, or "run" for the whole pipeline; only pretrain spans several nodes."""
     nodes: int = 1
     """Number of machines (one launcher agent each)."""
     gpus_per_node: int = 1
@@ -120,6 +133,13 @@ class JobSpec:
     """The per-rank program, run as ``python -m <worker_module> --job <job file>``."""
 
     def __post_init__(self) -> None:
+        if self.stage not in SUBMIT_STAGES:
+            raise SubmitError(f"--stage {self.stage}: choose one of {', '.join(SUBMIT_STAGES)}")
+        if self.command_job and self.nodes > 1:
+            raise SubmitError(
+                f"--stage {self.stage} runs on one node ({self.gpus_per_node} rank(s) there for its training); "
+                "only pretrain spans nodes: submit `--stage pretrain --nodes N` first, then "
+                f"`--stage {self.stage}` with --nodes 1, which takes the finished pre-training as done")
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise SubmitError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", self.name):
@@ -136,6 +156,11 @@ class JobSpec:
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def command_job(self) -> bool:
+        """True: one process runs the stage's own command (every stage but a multi-node pretrain)."""
+        return self.stage not in MULTI_NODE_STAGES
 
     @property
     def logs_dir(self) -> Path:
@@ -186,11 +211,25 @@ def require_tool(name: str) -> str:
 # --------------------------------------------------------------------------- local
 
 
+def stage_command(spec: JobSpec, python: str, workdir: str) -> list[str]:
+    """The job's own `vitpipe` command: ``python -m pipeline <stage|run> RECIPE overrides --workdir W``,
+    its training stages on ``nodes x gpus_per_node`` ranks (the ranks of one machine)."""
+    ranks = {"pretrain": ["pretrain"], "finetune": ["finetune"], "run": ["pretrain", "finetune"]}
+    manifest = ["--manifest", spec.manifest] if spec.manifest and spec.stage in MANIFEST_STAGES else []
+    return [python, "-m", "pipeline", spec.stage, spec.recipe, *spec.overrides,
+            *(f"{s}.ranks={spec.world_size}" for s in ranks.get(spec.stage, [])), "--workdir", workdir, *manifest]
+
+
 def local_command(spec: JobSpec) -> list[str]:
     """The stage command on this machine with nodes x gpus_per_node ranks."""
-    return [sys.executable, "-m", "pipeline", spec.stage, spec.recipe, *spec.overrides,
-            f"{spec.stage}.ranks={spec.world_size}", "--workdir", spec.workdir,
-            *(["--manifest", spec.manifest] if spec.manifest else [])]
+    return stage_command(spec, sys.executable, spec.workdir)
+
+
+def require_target(spec: JobSpec, target: str) -> None:
+    """A command job (any stage but pretrain) only runs where one process can run it."""
+    if spec.command_job and target not in COMMAND_TARGETS:
+        raise SubmitError(f"--stage {spec.stage} with --target {target}: {target} starts the ranks of a multi-node "
+                          f"pre-training; run --stage {spec.stage} with --target local, slurm or k8s")
 
 
 # --------------------------------------------------------------------------- torchrun
@@ -237,16 +276,9 @@ def slurm_log_paths(spec: JobSpec) -> tuple[str, str]:
     return str(logs / "%x-%j.out"), str(logs / "%x-%j.err")
 
 
-def slurm_script(spec: JobSpec) -> str:
-    """An sbatch script: one task per node running torchrun, rendezvous on the allocation's first node.
-
-    Preemption: SLURM sends SIGUSR1 to this batch shell `grace_seconds` before the time limit (or on
-    preemption with a grace time); the trap forwards it through srun to torchrun, which forwards it
-    to the ranks (TORCHELASTIC_SIGNALS_TO_HANDLE) so they can write a checkpoint; then the job is
-    requeued and continues from that checkpoint.
-    """
+def _sbatch_header(spec: JobSpec) -> list[str]:
+    """The #SBATCH lines, the run's log folder and environment: the same for every kind of job."""
     out, err = slurm_log_paths(spec)
-    port = split_endpoint(spec.rdzv_endpoint)[1] if spec.rdzv_endpoint else DEFAULT_RDZV_PORT
     sb = [f"--job-name={spec.name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
           f"--cpus-per-task={spec.cpus_per_task}", f"--time={spec.time_limit}",
           f"--mem={spec.memory_gib}G", f"--output={out}", f"--error={err}", "--open-mode=append", "--requeue",
@@ -257,39 +289,67 @@ def slurm_script(spec: JobSpec) -> str:
         sb.append(f"--partition={spec.partition}")
     if spec.account:
         sb.append(f"--account={spec.account}")
-    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV]
+    return ["#!/bin/bash", *(f"#SBATCH {a}" for a in sb),
+            f"# vitpipe {spec.stage}: {spec.nodes} node(s) x {spec.gpus_per_node} rank(s), workdir {spec.workdir}",
+            "set -euo pipefail",
+            f"mkdir -p {shlex.quote(str(Path(spec.workdir).resolve() / 'logs'))}",
+            *(f"export {k}={shlex.quote(v)}" for k, v in spec.env.items() if k not in SECRET_ENV),
+            f"export TORCHELASTIC_SIGNALS_TO_HANDLE={ELASTIC_SIGNALS}"]
+
+
+def _srun_and_requeue(spec: JobSpec, task: str) -> list[str]:
+    """Start `task` (a shell command) with srun, one per node, and requeue the job when it was
+    preempted: SIGUSR1 from SLURM, forwarded through srun, or the task's own REQUEUE_EXIT (a
+    training stage that stopped after its checkpoint)."""
+    return ["preempted=0",
+            "on_preempt() {",
+            '  preempted=1',
+            '  echo "vitpipe: SIGUSR1 (time limit or preemption): checkpointing, then requeueing"',
+            '  kill -USR1 "$srun_pid" 2>/dev/null || true',
+            "}",
+            "trap on_preempt USR1",
+            # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): repeat it, or each task gets one CPU
+            f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task={spec.cpus_per_task} {task} &",
+            "srun_pid=$!",
+            # `wait` returns early when a trapped signal arrives; wait again for the checkpoint.
+            'status=0; wait "$srun_pid" || status=$?',
+            'if [ "$preempted" = 1 ]; then wait "$srun_pid" || true; fi',
+            f'if [ "$preempted" = 1 ] || [ "$status" = {REQUEUE_EXIT} ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+            'exit "$status"']
+
+
+def slurm_script(spec: JobSpec) -> str:
+    """An sbatch script. Pre-training: one task per node running torchrun, rendezvous on the
+    allocation's first node. Any other stage, or the whole pipeline: one task running the stage's
+    own `vitpipe` command (`stage_command`).
+
+    Preemption: SLURM sends SIGUSR1 to this batch shell `grace_seconds` before the time limit (or on
+    preemption with a grace time); the trap forwards it through srun to torchrun (or to `vitpipe`,
+    which passes it on to its torchrun), which forwards it to the ranks
+    (TORCHELASTIC_SIGNALS_TO_HANDLE) so they can write a checkpoint; then the job is requeued and
+    continues from that checkpoint.
+    """
+    if spec.command_job:
+        # The node's shell runs the command in the folder sbatch was called from (its default).
+        task = shlex.join(stage_command(spec, spec.python, str(Path(spec.workdir).resolve())))
+        return "\n".join([*_sbatch_header(spec),
+                           f'echo "vitpipe: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on '
+                           f'$SLURM_JOB_NODELIST: vitpipe {spec.stage}"',
+                           *_srun_and_requeue(spec, task)]) + "\n"
+    port = split_endpoint(spec.rdzv_endpoint)[1] if spec.rdzv_endpoint else DEFAULT_RDZV_PORT
     # Node rank and endpoint are expanded on each node by the shell that srun starts there.
     per_node = node_torchrun_command(spec, node_rank="$SLURM_NODEID", endpoint="$head_node:$rdzv_port",
                                      rdzv_id="$SLURM_JOB_ID", nnodes="$SLURM_NNODES", target="slurm")
     # No reliance on torchrun being on PATH: the interpreter the nodes use runs the launcher module.
     per_node = [spec.python, "-m", "torch.distributed.run", *per_node[1:]]
     inner = "exec " + " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in per_node)
-    lines = ["#!/bin/bash", *(f"#SBATCH {a}" for a in sb),
-             f"# vitpipe {spec.stage}: {spec.nodes} node(s) x {spec.gpus_per_node} rank(s), workdir {spec.workdir}",
-             "set -euo pipefail",
-             f"mkdir -p {shlex.quote(str(Path(spec.workdir).resolve() / 'logs'))}",
-             *env_lines,
-             f"export TORCHELASTIC_SIGNALS_TO_HANDLE={ELASTIC_SIGNALS}",
+    lines = [*_sbatch_header(spec),
              'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
              f"export head_node rdzv_port={port}",
              'echo "vitpipe: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, '
              'rendezvous $head_node:$rdzv_port"',
-             "preempted=0",
-             "on_preempt() {",
-             '  preempted=1',
-             '  echo "vitpipe: SIGUSR1 (time limit or preemption): checkpointing, then requeueing"',
-             '  kill -USR1 "$srun_pid" 2>/dev/null || true',
-             "}",
-             "trap on_preempt USR1",
              # Quoted: $SLURM_NODEID etc. are expanded by the task's shell on its own node.
-             # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): repeat it, or each task gets one CPU
-             f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task={spec.cpus_per_task} "
-             f"bash -c {shlex.quote(inner)} &",
-             "srun_pid=$!",
-             # `wait` returns early when a trapped signal arrives; wait again for the checkpoint.
-             'status=0; wait "$srun_pid" || status=$?',
-             'if [ "$preempted" = 1 ]; then wait "$srun_pid" || true; scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
-             'exit "$status"']
+             *_srun_and_requeue(spec, f"bash -c {shlex.quote(inner)}")]
     return "\n".join(lines) + "\n"
 
 
@@ -314,37 +374,12 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
     argument, so the container command names no rendezvous flags (a static rendezvous at the
     Master's service). The workdir is a shared volume (a ReadWriteMany PVC) mounted at the same path.
     """
-    resources: dict = {"requests": {"cpu": str(spec.cpus_per_task), "memory": f"{spec.memory_gib}Gi"}, "limits": {}}
-    if spec.gpu:
-        resources["limits"]["nvidia.com/gpu"] = str(spec.gpus_per_node)
-    mount = rank_workdir(spec, "k8s")  # the ranks see the shared volume at `mount`
-
     def replica(count: int, master: bool) -> dict:
-        container = {
-            "name": "pytorch",  # the operator finds the training container by this name
-            "image": spec.image,
-            "imagePullPolicy": "IfNotPresent",
-            "command": ["torchrun", f"--max_restarts={spec.max_restarts}", f"--shutdown_timeout={spec.grace_seconds}",
-                        "-m", *worker_args(spec, "k8s")],
-            "env": _k8s_env(spec),
-            "resources": copy.deepcopy(resources),  # no YAML anchors in the rendered manifest
-            "volumeMounts": [{"name": "workdir", "mountPath": mount}, {"name": "dshm", "mountPath": "/dev/shm"}],
-        }
-        if master:
-            container["ports"] = [{"name": "pytorchjob-port", "containerPort": K8S_MASTER_PORT}]
-        return {
-            "replicas": count,
-            "restartPolicy": "OnFailure",
-            "template": {"spec": {
-                # the kubelet's SIGTERM -> SIGKILL window: the ranks' time to write a checkpoint
-                "terminationGracePeriodSeconds": spec.grace_seconds,
-                **({"schedulerName": spec.gang_scheduler} if spec.gang_scheduler else {}),
-                "containers": [container],
-                "volumes": [{"name": "workdir", "persistentVolumeClaim": {"claimName": pvc}},
-                            # NCCL and DataLoader workers need more shared memory than the default 64 MiB
-                            {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-            }},
-        }
+        command = ["torchrun", f"--max_restarts={spec.max_restarts}", f"--shutdown_timeout={spec.grace_seconds}",
+                   "-m", *worker_args(spec, "k8s")]
+        # the operator finds the training container by its name, "pytorch"
+        template = _pod_template(spec, "pytorch", command, pvc, port=K8S_MASTER_PORT if master else None)
+        return {"replicas": count, "restartPolicy": "OnFailure", "template": template}
 
     replicas = {"Master": replica(1, master=True)}
     if spec.nodes > 1:
@@ -364,11 +399,62 @@ def pytorchjob_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
     }
 
 
+def _pod_template(spec: JobSpec, name: str, command: list[str], pvc: str, port: int | None = None) -> dict:
+    """One pod of the job: its container (image, command, env, CPU/memory/GPU requests, the shared
+    run folder and a memory-backed /dev/shm) and the preemption window."""
+    resources: dict = {"requests": {"cpu": str(spec.cpus_per_task), "memory": f"{spec.memory_gib}Gi"}, "limits": {}}
+    if spec.gpu:
+        resources["limits"]["nvidia.com/gpu"] = str(spec.gpus_per_node)
+    container = {
+        "name": name,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "env": _k8s_env(spec),
+        "resources": resources,
+        # the ranks see the shared volume at the run folder's path
+        "volumeMounts": [{"name": "workdir", "mountPath": rank_workdir(spec, "k8s")},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if port is not None:
+        container["ports"] = [{"name": "pytorchjob-port", "containerPort": port}]
+    return {"spec": {
+        # the kubelet's SIGTERM -> SIGKILL window: the ranks' time to write a checkpoint
+        "terminationGracePeriodSeconds": spec.grace_seconds,
+        **({"schedulerName": spec.gang_scheduler} if spec.gang_scheduler else {}),
+        "containers": [container],
+        "volumes": [{"name": "workdir", "persistentVolumeClaim": {"claimName": pvc}},
+                    # NCCL and DataLoader workers need more shared memory than the default 64 MiB
+                    {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    }}
+
+
+def command_job_manifest(spec: JobSpec, pvc: str = "vitpipe-work") -> dict:
+    """A Kubernetes batch/v1 Job of one pod running the stage's own `vitpipe` command (a command
+    job: any stage but a multi-node pretrain, or the whole pipeline). A preempted training stage
+    exits with REQUEUE_EXIT and the pod is retried (backoffLimit), resuming from its checkpoint."""
+    command = stage_command(spec, "python", rank_workdir(spec, "k8s"))
+    template = _pod_template(spec, "vitpipe", command, pvc)
+    template["spec"]["restartPolicy"] = "Never"  # a failed pod is replaced by a new one, up to backoffLimit
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": "vitpipe", "vitpipe/stage": spec.stage}},
+        "spec": {"backoffLimit": max(spec.max_restarts, 0) + 3, "template": template},
+    }
+
+
+def k8s_kind(spec: JobSpec) -> str:
+    """The Kubernetes object a job is: a PyTorchJob (multi-node pretrain) or a batch Job."""
+    return "Job" if spec.command_job else "PyTorchJob"
+
+
 def render_k8s(spec: JobSpec) -> str:
-    """The PyTorchJob as YAML (what ``kubectl apply -f -`` receives)."""
+    """The PyTorchJob, or for a command job the batch Job, as YAML (what ``kubectl apply -f -`` receives)."""
     import yaml
 
-    return yaml.safe_dump(pytorchjob_manifest(spec), sort_keys=False)
+    return yaml.safe_dump(command_job_manifest(spec) if spec.command_job else pytorchjob_manifest(spec),
+                          sort_keys=False)
 
 
 # --------------------------------------------------------------------------- DeepSpeed hostfile
@@ -408,6 +494,7 @@ def render_hostfile(spec: JobSpec) -> str:
 
 def render(spec: JobSpec, target: str, node_rank: int | None = None) -> str:
     """Exactly what `submit` would hand over: a command line, a script or a manifest."""
+    require_target(spec, target)
     if target == "local":
         return shlex.join(local_command(spec)) + "\n"
     if target == "torchrun":
@@ -429,6 +516,7 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
     """Run or hand over the job; returns what was submitted (``job_id`` for schedulers, ``exit`` for local runs)."""
     workdir = Path(spec.workdir)
     env = {**os.environ, **spec.env}
+    require_target(spec, target)
     if target == "local":
         code = subprocess.call(local_command(spec), env=env)
         info = {"target": target, "name": spec.name, "exit": code}
@@ -457,7 +545,8 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
         proc = subprocess.run([kubectl, "apply", "-f", "-"], input=render_k8s(spec), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SubmitError(f"kubectl apply failed (exit {proc.returncode}): {proc.stderr.strip()}")
-        info = {"target": target, "name": spec.name, "job_id": spec.name, "kubectl": proc.stdout.strip()}
+        info = {"target": target, "name": spec.name, "job_id": spec.name, "kind": k8s_kind(spec),
+                "kubectl": proc.stdout.strip()}
     elif target == "hostfile":
         deepspeed = require_tool(SUBMIT_TOOLS[target])
         path = hostfile_path(spec)
@@ -522,14 +611,18 @@ def job_status(ref: str) -> dict:
     if rec["target"] == "slurm":
         return {**rec, **slurm_status(rec["job_id"])}
     if rec["target"] == "k8s":
-        proc = subprocess.run([require_tool("kubectl"), "get", "pytorchjob", rec["name"], "-o", "json"],
+        kind = rec.get("kind", "PyTorchJob").lower()
+        proc = subprocess.run([require_tool("kubectl"), "get", kind, rec["name"], "-o", "json"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SubmitError(f"kubectl get pytorchjob {rec['name']} failed: {proc.stderr.strip()}")
+            raise SubmitError(f"kubectl get {kind} {rec['name']} failed: {proc.stderr.strip()}")
         conditions = json.loads(proc.stdout).get("status", {}).get("conditions", [])
         state = next((c["type"] for c in reversed(conditions) if c.get("status") == "True"), "Created")
         return {**rec, "state": state, "conditions": conditions}
-    result = RunLayout(Path(rec["workdir"])).stage(rec.get("stage", "pretrain")) / RESULT_FILE
+    layout, stage = RunLayout(Path(rec["workdir"])), rec.get("stage", "pretrain")
+    # a command job is done when its stage record (the whole pipeline: its summary) is written
+    result = layout.summary() if stage == "run" else layout.stage(stage) / (
+        RESULT_FILE if stage in MULTI_NODE_STAGES else STAGE_RECORD)
     if result.is_file():
         return {**rec, "state": "COMPLETED", "result": json.loads(result.read_text())}
     exit_code = rec.get("exit")
@@ -552,12 +645,13 @@ def job_logs(ref: str) -> str:
             raise SubmitError(f"no log file yet for SLURM job {rec['job_id']} (looked at {', '.join(filter(None, paths))})")
         return text
     if rec["target"] == "k8s":
-        proc = subprocess.run([require_tool("kubectl"), "logs", f"{rec['name']}-master-0", "-c", "pytorch"],
-                              capture_output=True, text=True)
+        pod = [f"job/{rec['name']}"] if rec.get("kind") == "Job" else [f"{rec['name']}-master-0", "-c", "pytorch"]
+        proc = subprocess.run([require_tool("kubectl"), "logs", *pod], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SubmitError(f"kubectl logs failed: {proc.stderr.strip()}")
         return proc.stdout
-    log = RunLayout(Path(rec["workdir"])).stage(rec.get("stage", "pretrain")) / TRAIN_LOG
+    stage = rec.get("stage", "pretrain")
+    log = RunLayout(Path(rec["workdir"])).stage("pretrain" if stage == "run" else stage) / TRAIN_LOG
     if not log.is_file():
         raise SubmitError(f"no log at {log}")
     return log.read_text(errors="replace")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import signal
 
-# EX_TEMPFAIL from sysexits.h: "temporary failure, try again" — what a requeue means.
-REQUEUE_EXIT = 75
+from pipeline.launch.lifetime import REQUEUE_EXIT  # noqa: F401  (re-exported: the status a preempted rank exits with)
+
+
+class TrainingPreempted(RuntimeError):
+    """The ranks stopped on request after committing a checkpoint; running the stage again resumes."""
 
 
 class Preemption:
