@@ -527,17 +527,15 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
 
 @pytest.mark.slow
-def test_slurm_submit_status_and_logs(slurm_cluster, prepared, tmp_path, monkeypatch, capsys):
+def test_slurm_submit_status_and_logs(slurm_cluster, tmp_path, monkeypatch, capsys):
     for k, v in slurm_cluster["env"].items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     work = tmp_path / "run"
-    (work / "prepare").mkdir(parents=True)
-    (work / "prepare" / "manifest.json").symlink_to(prepared / "prepare" / "manifest.json")
-    for shard in (prepared / "prepare" / "shards").iterdir():  # the manifest names its shards relative to itself
-        (work / "prepare" / "shards").mkdir(exist_ok=True)
-        (work / "prepare" / "shards" / shard.name).symlink_to(shard)
+    # prepared as a user would, with its stage record: the pipeline job below finds it done
+    assert main(["prepare", str(TINY), "--workdir", str(work)]) == 0
+    capsys.readouterr()
     args = ["submit", str(TINY), "pretrain.steps=3", "pretrain.log_every=1", "pretrain.checkpoint_every=0",
             "--target", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--no-gpu", "--cpus-per-task", "2",
             "--mem-gib", "1",  # the test node declares RealMemory=1024 (MB); the script asks for --mem=1G
