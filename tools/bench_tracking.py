@@ -87,9 +87,21 @@ def _tree_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def bench_tracking(rounds: int = 5, steps: int = 300, width: int = 512, batch: int = 128,
+def _step_stats(times: list[float]) -> dict:
+    """p50 and p99 of step times in seconds, as milliseconds."""
+    return {"p50_ms": _percentile(times, 50) * 1e3, "p99_ms": _percentile(times, 99) * 1e3}
+
+
+def _against_off(rows: dict[str, dict]) -> dict[str, dict]:
+    """Each candidate's row with its p50 and p99 as ratios to `off`'s."""
+    base = rows["off"]
+    return {name: {**row, "p50_vs_off": row["p50_ms"] / base["p50_ms"], "p99_vs_off": row["p99_ms"] / base["p99_ms"]}
+            for name, row in rows.items()}
+
+
+def bench_tracking(rounds: int = 5, steps: int = 1000, width: int = 512, batch: int = 128,
                    threads: int = 1, server_nice: int = 19) -> dict:
-    """Run the three candidates in interleaved rounds; the result table as a dict."""
+    """Run the four candidates in interleaved rounds; the result table as a dict."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 10))
@@ -132,8 +144,7 @@ def bench_tracking(rounds: int = 5, steps: int = 300, width: int = 512, batch: i
                     times = step_loop(candidates[name], steps, next_step[name])
                     next_step[name] += steps
                     pooled[name].extend(times)
-                    per_round[name].append({"p50_ms": _percentile(times, 50) * 1e3,
-                                            "p99_ms": _percentile(times, 99) * 1e3})
+                    per_round[name].append(_step_stats(times))
             server_cpu = _tree_cpu_seconds(proc.pid)
             left_on = candidates["on"].flush(120)
             left_outage = candidates["outage"].flush(0)
@@ -143,16 +154,10 @@ def bench_tracking(rounds: int = 5, steps: int = 300, width: int = 512, batch: i
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
-    best = {name: min(rows, key=lambda row: row["p99_ms"]) for name, rows in per_round.items()}
-    base = best["off"]
-    table = {name: {**row, "p99_vs_off": row["p99_ms"] / base["p99_ms"], "p50_vs_off": row["p50_ms"] / base["p50_ms"]}
-             for name, row in best.items()}
-    all_steps = {name: {"p50_ms": _percentile(times, 50) * 1e3, "p99_ms": _percentile(times, 99) * 1e3}
-                 for name, times in pooled.items()}
-    all_steps = {name: {**row, "p50_vs_off": row["p50_ms"] / all_steps["off"]["p50_ms"],
-                        "p99_vs_off": row["p99_ms"] / all_steps["off"]["p99_ms"]} for name, row in all_steps.items()}
+    best = _against_off({name: min(rows, key=lambda row: row["p99_ms"]) for name, rows in per_round.items()})
+    all_steps = _against_off({name: _step_stats(times) for name, times in pooled.items()})
     return {"rounds": rounds, "steps_per_round": steps, "metrics_per_step": 7, "width": width, "batch": batch,
-            "threads": threads, "all_steps": all_steps, "best_round": table, "all_rounds": per_round,
+            "threads": threads, "all_steps": all_steps, "best_round": best, "all_rounds": per_round,
             "undelivered_on": left_on, "queued_in_outage": left_outage, "server_nice": server_nice,
             "sender_cpu_s_on": candidates["on"].sender_cpu_seconds, "server_cpu_s": server_cpu,
             "timed_s_on": sum(r["p50_ms"] for r in per_round["on"]) * steps / 1e3}
