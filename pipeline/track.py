@@ -20,6 +20,14 @@ from typing import Any, Mapping
 
 from pipeline.config import TrackingConfig
 
+# MLflow's usage telemetry is off unless the user opts in (MLFLOW_DISABLE_TELEMETRY=false). Its thread
+# sets and unsets `_MLFLOW_TELEMETRY_SESSION_ID` in os.environ while the sender's HTTP request copies
+# os.environ (requests reads proxy settings): we saw `runs/create` fail with "failed with exception
+# '_MLFLOW_TELEMETRY_SESSION_ID'". It also calls an outside host from training nodes that are often
+# offline. Set before mlflow is first imported (every import of mlflow is in this module, below), and
+# inherited by the ranks and any `mlflow server` we start.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 # A nested run is tied to its parent by this tag (what the MLflow UI and `nested=True` use).
 PARENT_TAG = "mlflow.parentRunId"
 

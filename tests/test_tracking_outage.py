@@ -143,3 +143,31 @@ def test_nothing_listening_warns_once_and_training_goes_on(tmp_path, capfd, monk
     rank0.close(0)
     err = capfd.readouterr().err
     assert "unreachable" in err and "200 tracking call(s) for run" in err
+
+
+TELEMETRY_PROBE = """
+import os, sys
+if sys.argv[1] == "vitpipe":
+    import pipeline.track  # what every vitpipe command that tracks imports before mlflow
+from mlflow.telemetry.utils import is_telemetry_disabled
+print(is_telemetry_disabled(), os.environ.get("MLFLOW_DISABLE_TELEMETRY"))
+"""
+
+
+@pytest.mark.parametrize("importer, user_setting, disabled", [
+    ("mlflow", None, "False"),       # mlflow alone, outside CI: telemetry on (so the probe can tell)
+    ("vitpipe", None, "True"),       # through vitpipe: off, and the ranks inherit the setting
+    ("vitpipe", "false", "False"),   # a user who opts in keeps it
+])
+def test_mlflow_telemetry_is_off_unless_the_user_opts_in(importer, user_setting, disabled):
+    """MLflow's telemetry thread rewrites os.environ while the sender's requests copy it (a `runs/create`
+    failed with '_MLFLOW_TELEMETRY_SESSION_ID'), and it calls out from offline nodes: vitpipe turns it
+    off before mlflow is imported. The child has no CI or pytest variables, which disable it anyway."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if user_setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = user_setting
+    out = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, importer], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out[0] == disabled
+    assert out[1] == {"mlflow": "None", "vitpipe": user_setting or "true"}[importer]
