@@ -20,6 +20,13 @@ to `off` (target: p99 within 5 %). `on` must also have delivered every metric by
 the CPU seconds the sender thread spent delivering (time the loop may have waited for the GIL) and
 the CPU seconds the server used, because on a small machine the loopback server's inserts take a
 core from the loop (a remote server would not): `--server-nice` (default 19) gives it only idle CPU.
+
+Cores (`--pin split`, the default on a machine with two or more): the loop runs alone on the first
+core; the server process and every other thread of this process (the senders) on the rest. That is
+the machine tracking runs on in production: a training rank's thread is not shared with the
+tracker's sender (a GPU node has cores to spare) and the server is another host. What is left on
+the loop's core is the client's own cost: the log call and the GIL the sender takes. `--pin none`
+lets the scheduler place everything (on two cores the server then competes with the loop).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -50,14 +58,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(root: Path, timeout: float = 300, nice: int = 0) -> tuple[subprocess.Popen, str]:
-    """A `mlflow server` on a free loopback port over a sqlite file in `root`; (process, URL)."""
+def start_mlflow_server(root: Path, timeout: float = 300, nice: int = 0,
+                        cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
+    """A `mlflow server` on a free loopback port over a sqlite file in `root`; (process, URL).
+
+    `nice` and `cpus` (the cores it may run on) apply to the server and everything it starts."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def place() -> None:
+        if nice:
+            os.nice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
-                            start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                            start_new_session=True, preexec_fn=place if (nice or cpus) else None)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -87,6 +105,41 @@ def _tree_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def split_cores(pin: str) -> tuple[set[int], set[int]] | None:
+    """(the loop's core, the other cores) for `--pin split`; None for `none` or with one core."""
+    if pin not in ("split", "none"):
+        raise ValueError(f"--pin must be 'split' or 'none', not {pin!r}")
+    cores = sorted(os.sched_getaffinity(0))
+    if pin == "none" or len(cores) < 2:
+        return None
+    return {cores[0]}, set(cores[1:])
+
+
+def _place_threads(loop_cores: set[int], other_cores: set[int], saved: dict[int, set[int]]) -> None:
+    """Pin the calling thread to `loop_cores` and every other live thread of this process to
+    `other_cores` (Linux: affinity is per thread, by its native id). Each thread's affinity before
+    its first pinning goes into `saved` (native id -> cores), for `_restore_threads`."""
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        tid = 0 if thread is me else thread.native_id
+        try:
+            saved.setdefault(tid, os.sched_getaffinity(tid))
+            os.sched_setaffinity(tid, loop_cores if thread is me else other_cores)
+        except ProcessLookupError:  # ended since enumerate()
+            pass
+
+
+def _restore_threads(saved: dict[int, set[int]]) -> None:
+    """Give every thread `_place_threads` pinned its cores back (the caller, e.g. a test process, goes on)."""
+    for tid, cores in saved.items():
+        try:
+            os.sched_setaffinity(tid, cores)
+        except ProcessLookupError:
+            pass
+
+
 def _step_stats(times: list[float]) -> dict:
     """p50 and p99 of step times in seconds, as milliseconds."""
     return {"p50_ms": _percentile(times, 50) * 1e3, "p99_ms": _percentile(times, 99) * 1e3}
@@ -100,8 +153,9 @@ def _against_off(rows: dict[str, dict]) -> dict[str, dict]:
 
 
 def bench_tracking(rounds: int = 5, steps: int = 1000, width: int = 512, batch: int = 128,
-                   threads: int = 1, server_nice: int = 19) -> dict:
+                   threads: int = 1, server_nice: int = 19, pin: str = "split") -> dict:
     """Run the four candidates in interleaved rounds; the result table as a dict."""
+    placement = split_cores(pin)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 10))
@@ -123,8 +177,9 @@ def bench_tracking(rounds: int = 5, steps: int = 1000, width: int = 512, batch: 
             times.append(time.perf_counter() - t0)
         return times
 
+    saved_cores: dict[int, set[int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
-        proc, url = start_mlflow_server(Path(tmp), nice=server_nice)
+        proc, url = start_mlflow_server(Path(tmp), nice=server_nice, cpus=placement[1] if placement else None)
         try:
             run = start_tracker(TrackingConfig(uri=url, experiment="bench-tracking"), run_name="bench")
             if isinstance(run, NullTracker):
@@ -136,11 +191,15 @@ def bench_tracking(rounds: int = 5, steps: int = 1000, width: int = 512, batch: 
                 "outage": tracker_for_rank(0, f"http://127.0.0.1:{_free_port()}", run.run_id),
             }
             step_loop(candidates["off"], 50, 0)  # warm up the allocator and the kernels
+            for tracker in candidates.values():  # one call each at step 0: every sender thread is up
+                step_loop(tracker, 1, 0)
             per_round: dict[str, list[dict]] = {name: [] for name in candidates}
             pooled: dict[str, list[float]] = {name: [] for name in candidates}
             names, next_step = list(candidates), {name: 1 for name in candidates}
             for r in range(rounds):
                 for name in names[r % len(names):] + names[: r % len(names)]:
+                    if placement:  # again each time: a sender restarted after a failure starts unpinned
+                        _place_threads(*placement, saved_cores)
                     times = step_loop(candidates[name], steps, next_step[name])
                     next_step[name] += steps
                     pooled[name].extend(times)
@@ -151,13 +210,15 @@ def bench_tracking(rounds: int = 5, steps: int = 1000, width: int = 512, batch: 
             candidates["outage"].close(0)
             run.finish()
         finally:
+            _restore_threads(saved_cores)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
     best = _against_off({name: min(rows, key=lambda row: row["p99_ms"]) for name, rows in per_round.items()})
     all_steps = _against_off({name: _step_stats(times) for name, times in pooled.items()})
     return {"rounds": rounds, "steps_per_round": steps, "metrics_per_step": 7, "width": width, "batch": batch,
-            "threads": threads, "all_steps": all_steps, "best_round": best, "all_rounds": per_round,
+            "threads": threads, "cores": {"loop": sorted(placement[0]), "server_and_senders": sorted(placement[1])}
+            if placement else None, "all_steps": all_steps, "best_round": best, "all_rounds": per_round,
             "undelivered_on": left_on, "queued_in_outage": left_outage, "server_nice": server_nice,
             "sender_cpu_s_on": candidates["on"].sender_cpu_seconds, "server_cpu_s": server_cpu,
             "timed_s_on": sum(r["p50_ms"] for r in per_round["on"]) * steps / 1e3}
@@ -177,6 +238,9 @@ def bench_tracking_table(result: dict) -> str:
     lines.append(f"on: {result['undelivered_on']} calls undelivered at the end (must be 0); outage: "
                  f"{result['queued_in_outage']} calls kept for the server's return")
     server = f"{result['server_cpu_s']:.2f}" if result.get("server_cpu_s") is not None else "?"
+    cores = result.get("cores")
+    lines.append(f"cores: loop on {cores['loop']}, server and sender threads on {cores['server_and_senders']}"
+                 if cores else "cores: not pinned (the scheduler places the loop, the senders and the server)")
     lines.append(f"on: sender thread CPU {result['sender_cpu_s_on']:.2f} s, server CPU {server} s (nice "
                  f"{result['server_nice']}) over ~{result['timed_s_on']:.1f} s of timed steps")
     return "\n".join(lines)
@@ -192,13 +256,16 @@ def add_bench_tracking_parser(bench_sub) -> None:
     p.add_argument("--batch", type=int, default=128, help="batch size of the step")
     p.add_argument("--server-nice", type=int, default=19, help="niceness of the loopback MLflow server (0: "
                    "it competes with the loop for CPU, as no remote server would)")
+    p.add_argument("--pin", choices=("split", "none"), default="split", help="split: the loop alone on one core, "
+                   "the server and the sender threads on the others (a training node with a remote server); "
+                   "none: let the scheduler place them")
     p.add_argument("--out", type=Path, default=Path("bench_tracking.json"), help="JSON result")
 
 
 def run_bench_tracking(args: argparse.Namespace) -> int:
     """`vitpipe bench tracking`: run, print the table, write the JSON."""
     result = bench_tracking(rounds=args.rounds, steps=args.steps, width=args.width, batch=args.batch,
-                            server_nice=args.server_nice)
+                            server_nice=args.server_nice, pin=args.pin)
     print(bench_tracking_table(result))
     write_json(args.out, result)
     print(json.dumps({k: round(v["p99_vs_off"], 3) for k, v in result["all_steps"].items()}))
