@@ -219,7 +219,7 @@ def train_micro_step(engine, images: torch.Tensor, targets: torch.Tensor, device
     loss = F.cross_entropy(logits.float(), targets.to(device))
     engine.backward(loss)
     engine.step()
-    return float(loss)
+    return float(loss.detach())  # the value only: no autograd history carried into the scalar
 
 
 def consolidated_state_dict(engine, ckpt_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
