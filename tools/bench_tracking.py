@@ -216,9 +216,9 @@ def bench_tracking(rounds: int = 5, steps: int = 1000, width: int = 512, batch: 
 
     best = _against_off({name: min(rows, key=lambda row: row["p99_ms"]) for name, rows in per_round.items()})
     all_steps = _against_off({name: _step_stats(times) for name, times in pooled.items()})
+    cores = {"loop": sorted(placement[0]), "server_and_senders": sorted(placement[1])} if placement else None
     return {"rounds": rounds, "steps_per_round": steps, "metrics_per_step": 7, "width": width, "batch": batch,
-            "threads": threads, "cores": {"loop": sorted(placement[0]), "server_and_senders": sorted(placement[1])}
-            if placement else None, "all_steps": all_steps, "best_round": best, "all_rounds": per_round,
+            "threads": threads, "cores": cores, "all_steps": all_steps, "best_round": best, "all_rounds": per_round,
             "undelivered_on": left_on, "queued_in_outage": left_outage, "server_nice": server_nice,
             "sender_cpu_s_on": candidates["on"].sender_cpu_seconds, "server_cpu_s": server_cpu,
             "timed_s_on": sum(r["p50_ms"] for r in per_round["on"]) * steps / 1e3}
