@@ -37,7 +37,8 @@ def _build_deepspeed_cpu_comm_op() -> None:
     """
     if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         return
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    code = ("from pipeline.launch.local import use_this_environments_ninja; use_this_environments_ninja(); "
+            "from deepspeed.comm.torch import build_shm_op; build_shm_op()")  # as a rank builds it
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -108,16 +109,30 @@ def vitpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
                           text=True, timeout=600)
 
 
+def shm_op_built_at() -> int | None:
+    """mtime (ns) of DeepSpeed's built CPU communication op, None when there is none."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        return (Path(_get_build_directory("deepspeed_shm_comm", False)) / "deepspeed_shm_comm.so").stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One `vitpipe run` of the tiny recipe (every stage, 2 gloo ranks) against a real MLflow store
     (sqlite), shared by the end-to-end and plot tests: <cwd>/w is its run folder. Read it; a test
-    that moves it puts it back."""
+    that moves it puts it back. Run as from an activated venv (its bin folder first on PATH, the
+    suite's own PATH may not have it); `op_built` is the CPU op's build time before and after."""
     cwd = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    before = shm_op_built_at()
     proc = vitpipe("run", *TINY_RUN_ARGS, "--workdir", "w", cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"cwd": cwd, "work": cwd / "w", "env": env, "proc": proc, "args": TINY_RUN_ARGS}
+    return {"cwd": cwd, "work": cwd / "w", "env": env, "proc": proc, "args": TINY_RUN_ARGS,
+            "op_built": (before, shm_op_built_at())}
 
 
 @pytest.fixture(scope="session")

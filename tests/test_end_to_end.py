@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,14 @@ def test_every_stage_wrote_its_files(run):
         assert (w / rel).is_file(), rel
     for stage in ("prepare", "pretrain", "finetune", "export", "benchmark"):
         assert json.loads((w / stage / "stage.json").read_text())["stage"] == stage
+
+
+@pytest.mark.skipif(os.environ.get("DS_ACCELERATOR", "cpu") != "cpu", reason="the op is built for CPU ranks")
+def test_the_ranks_reuse_the_deepspeed_op_built_before_them(run):
+    # The suite built it at its start from a PATH without the venv; the run's ranks, started from an
+    # activated venv, load that build instead of spending ~40 s rebuilding it with another ninja.
+    before, after = run["op_built"]
+    assert before is not None and after == before
 
 
 def test_summary_has_the_figures_of_every_stage(run):

@@ -374,6 +374,17 @@ def test_missing_tool_fails_with_install_hint(tmp_path, target, tool, hint):
     assert f"{tool} not found" in proc.stderr and hint in proc.stderr and "--dry-run" in proc.stderr
 
 
+def test_ranks_build_with_the_ninja_installed_beside_their_interpreter():
+    from pipeline.launch.local import use_this_environments_ninja
+
+    bin_dir = str(Path(sys.executable).parent)
+    assert (Path(bin_dir) / "ninja").is_file()  # pip's ninja, a DeepSpeed dependency
+    env = {"PATH": os.pathsep.join(["/usr/local/bin", bin_dir, "/usr/bin"])}
+    use_this_environments_ninja(env)
+    assert env["PATH"].split(os.pathsep) == [bin_dir, "/usr/local/bin", "/usr/bin"]  # the rest keeps its order
+    assert shutil.which("ninja", path=env["PATH"]) == str(Path(bin_dir) / "ninja")
+
+
 # --------------------------------------------------------------------------- real runs
 
 

@@ -49,6 +49,21 @@ CPU_JIT_OPS = ("deepspeed_shm_comm",)
 STALE_LOCK_S = 15 * 60
 
 
+def use_this_environments_ninja(environ=os.environ) -> None:
+    """Put this interpreter's bin folder first on PATH, so torch's JIT builds of CPU_JIT_OPS run the
+    ninja installed with DeepSpeed here, whatever PATH the rank was started with.
+
+    The build folder (~/.cache/torch_extensions) is shared by every process on the machine, and a
+    ninja of another version (a system ninja-build 1.11 next to the pip ninja 1.13) cannot read the
+    other's build log: it discards it and rebuilds the op, about 40 s of two cores, at the next rank
+    start whose PATH finds the other ninja (an activated venv, a SLURM job, a shell without it)."""
+    bin_dir = str(Path(sys.executable).parent)
+    if not (Path(bin_dir) / "ninja").is_file():
+        return
+    rest = [p for p in environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+    environ["PATH"] = os.pathsep.join([bin_dir, *rest])
+
+
 def stale_extension_locks(now: float | None = None) -> list[tuple[Path, float]]:
     """(lock file, age in s) for each CPU JIT op whose build lock is older than any real build."""
     from torch.utils.cpp_extension import _get_build_directory
