@@ -112,6 +112,11 @@ class TrainJob:
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPUs); return (rank, world)."""
+    from pipeline.launch.local import use_this_environments_ninja
+
+    # DeepSpeed JIT-builds its CPU op when it joins (and others at engine init): always the same
+    # ninja, in a rank whatever launched it and in a process that trains in-process alike
+    use_this_environments_ninja()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

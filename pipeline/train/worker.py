@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.launch.lifetime import die_with_parent
-    from pipeline.launch.local import use_this_environments_ninja
     from pipeline.memory import tune_malloc
 
     # torchrun starts ranks in sessions of their own: without this a killed job's ranks train on
@@ -40,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    use_this_environments_ninja()  # DeepSpeed JIT-builds its ops at first use: the same ninja every time
     from pipeline.train.loop import TrainJob, run_job
 
     tune_malloc()  # usually inherited from the launcher's environment; a rank started by hand gets it too
