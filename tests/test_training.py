@@ -7,6 +7,7 @@ training stage is a real `torchrun` of two processes with the CPU accelerator.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -132,3 +133,36 @@ def test_rerun_is_skipped_when_inputs_match(trained):
     again = pretrain.run(cfg.model, cfg.pretrain, trained["prepare"]["manifest"], work / "pretrain")
     assert again["weights"] == trained["pretrain"]["weights"]
     assert (work / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_rank_loads_neither_mlflow_nor_inductor_for_deepspeed_and_can_still_track():
+    # DeepSpeed imports MLflow when it is installed (for its autotuner) and ZeRO imports its Muon
+    # optimizer, whose kernels torch.compile decorates at import (loading inductor): ~5 s of CPU
+    # per rank start on a 2-core VM, for nothing a vitpipe rank runs. A real 1-rank ZeRO-2 engine
+    # in a fresh process (as torchrun starts a rank) trains a step; then rank 0's tracker can
+    # still import mlflow.
+    code = textwrap.dedent("""
+        import json, socket, sys, torch, os
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from pipeline.config import ModelConfig, TrainConfig
+        from pipeline.model.vit import build_model
+        from pipeline.train.loop import build_engine, init_distributed, train_micro_step
+        init_distributed()
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(width=32, depth=1, heads=2, mlp_dim=64, patch_size=4, in_channels=1,
+                                        mean=[0.5], std=[0.5]), 8, 10)
+        t = TrainConfig(image_size=8, steps=2, micro_batch=4, ranks=1, zero_stage=2, warmup_steps=1)
+        engine = build_engine(model, t, 1, "fp32")
+        loss = train_micro_step(engine, torch.rand(4, 1, 8, 8), torch.eye(10)[:4], torch.device("cpu"), torch.float32)
+        loaded = sorted(m for m in ("mlflow", "torch._inductor.compile_fx") if m in sys.modules)
+        import mlflow
+        print(json.dumps({"loaded": loaded, "loss": loss, "mlflow": mlflow.__version__}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == [], f"a rank loaded {out['loaded']} for DeepSpeed"
+    assert out["loss"] > 0 and out["mlflow"]  # the engine trained; mlflow imports after DeepSpeed

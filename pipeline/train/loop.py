@@ -17,6 +17,7 @@ Rank 0 alone logs (it gets a real tracker; the others a null one) and writes the
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -110,6 +111,43 @@ class TrainJob:
 # --------------------------------------------------------------------------- distributed set-up
 
 
+# What DeepSpeed imports when it is installed and a vitpipe rank never runs: MLflow, for DeepSpeed's
+# autotuner (deepspeed/autotuning/autotuner.py tries `import mlflow` as deepspeed is imported), and
+# DeepSpeed's Muon optimizer, which ZeRO imports at engine set-up and whose kernels torch.compile
+# decorates at import, loading inductor. On a 2-core VM that was 2.8 s and 2 s of CPU per rank, a
+# 2-rank tiny launch 11.5-13.4 s -> 8.2-9.5 s (docs/architecture.md, process lifetime).
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_deepspeed():
+    """`import deepspeed` for a rank without loading what it never runs (see above).
+
+    MLflow is hidden only while DeepSpeed itself is imported: DeepSpeed's autotuner sees none, and
+    rank 0's tracker imports it as usual afterwards. Muon is imported with TorchDynamo off, so its
+    kernels stay plain functions: vitpipe's optimizers are AdamW and SGD.
+    """
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed catches
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if sys.modules.get("mlflow", ...) is None:
+                del sys.modules["mlflow"]
+    if _MUON not in sys.modules:
+        before = os.environ.get("TORCHDYNAMO_DISABLE")
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"  # torch.compile reads it as it decorates
+        try:
+            importlib.import_module(_MUON)
+        finally:
+            if before is None:
+                del os.environ["TORCHDYNAMO_DISABLE"]
+            else:
+                os.environ["TORCHDYNAMO_DISABLE"] = before
+    import deepspeed
+
+    return deepspeed
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPUs); return (rank, world)."""
     from pipeline.launch.local import use_this_environments_ninja
@@ -117,7 +155,7 @@ def init_distributed() -> tuple[int, int]:
     # DeepSpeed JIT-builds its CPU op when it joins (and others at engine init): always the same
     # ninja, in a rank whatever launched it and in a process that trains in-process alike
     use_this_environments_ninja()
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
