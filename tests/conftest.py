@@ -111,10 +111,10 @@ def vitpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
 
 def shm_op_built_at() -> int | None:
     """mtime (ns) of DeepSpeed's built CPU communication op, None when there is none."""
-    from torch.utils.cpp_extension import _get_build_directory
+    from pipeline.launch.local import jit_build_dir
 
     try:
-        return (Path(_get_build_directory("deepspeed_shm_comm", False)) / "deepspeed_shm_comm.so").stat().st_mtime_ns
+        return (jit_build_dir("deepspeed_shm_comm") / "deepspeed_shm_comm.so").stat().st_mtime_ns
     except FileNotFoundError:
         return None
 

@@ -64,14 +64,19 @@ def use_this_environments_ninja(environ=os.environ) -> None:
     environ["PATH"] = os.pathsep.join([bin_dir, *rest])
 
 
-def stale_extension_locks(now: float | None = None) -> list[tuple[Path, float]]:
-    """(lock file, age in s) for each CPU JIT op whose build lock is older than any real build."""
+def jit_build_dir(name: str) -> Path:
+    """The folder torch JIT-builds op `name` in (under ~/.cache/torch_extensions, shared machine-wide)."""
     from torch.utils.cpp_extension import _get_build_directory
 
+    return Path(_get_build_directory(name, False))
+
+
+def stale_extension_locks(now: float | None = None) -> list[tuple[Path, float]]:
+    """(lock file, age in s) for each CPU JIT op whose build lock is older than any real build."""
     now = time.time() if now is None else now
     stale = []
     for name in CPU_JIT_OPS:
-        lock = Path(_get_build_directory(name, False)) / "lock"
+        lock = jit_build_dir(name) / "lock"
         try:
             age = now - lock.stat().st_mtime
         except FileNotFoundError:
