@@ -20,7 +20,7 @@ from pipeline.model.importers import resolve_init
 from pipeline.model.weights import check_weights_pair
 from pipeline.run_layout import weights_file as pair_weights_file, weights_meta_file
 from pipeline.track import NullTracker, Tracker
-from pipeline.train.loop import TrainJob
+from pipeline.train.job import TrainJob
 from stages.training import run_training_stage
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input

@@ -18,7 +18,7 @@ from pipeline.config import ModelConfig, TrainConfig, train_fingerprint_fields
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
 from pipeline.run_layout import RESULT_FILE, SUBMITTED_FILE, weights_file, weights_meta_file
 from pipeline.track import MLflowTracker, NullTracker, Tracker, continue_previous_run
-from pipeline.train.loop import TrainJob
+from pipeline.train.job import TrainJob
 from stages.training import resume_tracker, run_training_stage, tracked_run
 from stages import record
 from stages.lineage import content_sha256, log_dataset_input

@@ -16,7 +16,6 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.folder_lock import FolderLock
 from pipeline.run_layout import RunLayout
 from pipeline.track import NullTracker, Tracker, start_tracker
-from stages import benchmark, export, finetune, prepare, pretrain
 from stages.training import tracked_run
 
 
@@ -58,11 +57,16 @@ def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, f
     out = stage_output(name, workdir, out)
     with contextlib.nullcontext() if locked else FolderLock(out, f"vitpipe run: {name}"):
         manifest = manifest or dataset_manifest(cfg, workdir)
+        # Each stage's module is imported when it runs: `vitpipe prepare` and a training stage's
+        # launcher never load torch or onnxruntime for the stages they do not run (~2.5 s a command).
         if name == "prepare":
+            from stages import prepare
             return prepare.run(cfg.data, out, tracker, force)
         if name == "pretrain":
+            from stages import pretrain
             return pretrain.run(cfg.model, cfg.pretrain, manifest, out, tracker, force)
         if name == "finetune":
+            from stages import finetune
             init = init or cfg.finetune.init_from or layout.weights("pretrain")
             return finetune.run(cfg.finetune, manifest, init, out, tracker, force, model=cfg.model)
         if name == "hybrid":  # a second recipe's hybrid-vs-plain comparison (stages/compare_hybrid.py)
@@ -70,8 +74,10 @@ def run_stage(name: str, cfg: PipelineConfig, workdir: Path, tracker: Tracker, f
             return compare_hybrid.run_stage(cfg.hybrid, cfg.data, manifest, out, tracker, force)
         weights = weights or layout.deployed_weights(cfg.stages)
         if name == "export":
+            from stages import export
             return export.run(cfg.export, weights, manifest, out, tracker, force)
         if name == "benchmark":
+            from stages import benchmark
             return benchmark.run(cfg.benchmark, onnx or layout.onnx(), weights, out, tracker, force,
                                  registered_model=registered_model_name(cfg))
     raise ValueError(f"unknown stage {name!r}")

@@ -16,7 +16,7 @@ from pipeline.data.storage import is_url
 from pipeline.launch.targets import JobSpec, job_file, rank_workdir
 from pipeline.run_layout import MANIFEST_FILE, RunLayout
 from pipeline.track import start_tracker
-from pipeline.train.loop import TrainJob
+from pipeline.train.job import TrainJob
 from stages import pretrain
 from stages.recipe import dataset_manifest
 

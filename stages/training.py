@@ -17,7 +17,7 @@ from pipeline.launch.local import LaunchError, launch_local
 from pipeline.run_layout import CHECKPOINTS_DIR, JOB_FILE, RESULT_FILE, TRAIN_LOG, weights_file, weights_meta_file
 from pipeline.track import MLflowTracker, Tracker, continue_previous_run
 from pipeline.train import checkpoints
-from pipeline.train.loop import PREEMPTED_FILE, TrainJob
+from pipeline.train.job import PREEMPTED_FILE, TrainJob
 from pipeline.train.preemption import REQUEUE_EXIT, TrainingPreempted
 from pipeline.train.worker import ERROR_PREFIX, EXIT_PREFIX, WORKER_MODULE
 

@@ -142,7 +142,7 @@ def test_the_graph_is_read():
     """The walk finds the edges it must (a walk that found nothing would pass every test below)."""
     graph = _graph()
     assert "pipeline.launch.local" in graph["stages.training"]
-    assert "pipeline.train.loop" in graph["stages.training"]
+    assert "pipeline.train.job" in graph["stages.training"]
     assert "stages.recipe" in graph["pipeline.cli"]  # a function-level import counts
     assert len(MODULES) > 60
 

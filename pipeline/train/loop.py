@@ -16,7 +16,6 @@ Rank 0 alone logs (it gets a real tracker; the others a null one) and writes the
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
@@ -24,10 +23,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.atomic import write_json
-from pipeline.config import FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, from_dict
+from pipeline.config import FINETUNE_MODEL_FIELDS, TrainConfig
 from pipeline.data.eval_stream import eval_batches
 from pipeline.data.manifest import load_manifest
 from pipeline.data.stream import StreamState, train_stream
@@ -54,9 +52,9 @@ from pipeline.train.ema import WeightEMA
 from pipeline.train.flops import measure_peak_tflops
 from pipeline.train.param_groups import optimizer_param_groups
 from pipeline.train.preemption import REQUEUE_EXIT, Preemption
+from pipeline.train.job import PREEMPTED_FILE, TrainJob  # noqa: F401 (owned by job.py; re-exported)
 from pipeline.train.schedule import lr_factor
 
-PREEMPTED_FILE = "preempted.json"
 
 
 class Preempted(SystemExit):
@@ -64,48 +62,6 @@ class Preempted(SystemExit):
 
     def __init__(self):
         super().__init__(REQUEUE_EXIT)
-
-
-@dataclass
-class TrainJob:
-    """Everything one training stage needs: built once by the orchestrating process from validated
-    configs, written as JSON (`save`) and read by every rank (`load`, in pipeline.train.worker)."""
-
-    stage: str
-    """pretrain or finetune (names the run and the files)."""
-    model: ModelConfig
-    """The architecture to build; for fine-tuning, the weights pair's own with the recipe's
-    FINETUNE_MODEL_FIELDS on top (config.finetune_model_config)."""
-    train: TrainConfig
-    """The stage's settings."""
-    manifest: str
-    """Path of the shards' manifest.json."""
-    out_dir: str
-    """Where checkpoints/, model.safetensors, model.json and result.json go."""
-    init_from: Optional[str] = None
-    """Weights pair to start from (fine-tuning)."""
-    tracking_uri: Optional[str] = None
-    run_id: Optional[str] = None
-    """MLflow run that rank 0 logs to."""
-    extra_meta: dict = field(default_factory=dict)
-    """Written into model.json as is (e.g. where the weights came from)."""
-    system_metrics_interval: float = 0.0
-    """Seconds between MLflow system metrics from rank 0 (0: off)."""
-    stop_after: Optional[int] = None
-    """Testing and debugging: stop (as if preempted) after this optimizer step."""
-
-    def save(self, path: str | Path) -> None:
-        """Write the job as JSON (atomically: every node may read it)."""
-        write_json(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TrainJob":
-        """Read a job written by `save`: the configs come back typed, as the orchestrator had them
-        (checked again only for their types; the orchestrator validated their values)."""
-        data = json.loads(Path(path).read_text())
-        data["model"] = from_dict(ModelConfig, data["model"], prefix=f"{path}: model.")
-        data["train"] = from_dict(TrainConfig, data["train"], prefix=f"{path}: train.")
-        return cls(**data)
 
 
 # --------------------------------------------------------------------------- distributed set-up
