@@ -64,6 +64,43 @@ def flags(argv: list[str]) -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------- the launcher's process
+
+
+LAUNCHER_PROBE = """
+import json, os, sys
+from pipeline.launch.local import _has_cuda, jit_build_dir, worker_env
+env = worker_env(2)
+answers = {"cuda": _has_cuda(), "build_dir": str(jit_build_dir("deepspeed_shm_comm")),
+           "ds_accelerator": env.get("DS_ACCELERATOR"), "torch_loaded": "torch" in sys.modules}
+import torch
+from torch.utils.cpp_extension import _get_build_directory
+answers["torch_cuda"] = torch.cuda.is_available()
+answers["torch_build_dir"] = _get_build_directory("deepspeed_shm_comm", False)
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.parametrize("extensions_dir", [None, "set"])
+def test_the_launcher_answers_what_torch_would_without_importing_it(tmp_path, extensions_dir):
+    # The process that starts torchrun trains nothing: it decides the ranks' accelerator and where
+    # DeepSpeed's CPU op is built (for the stale-lock check) from torch's files, not by importing
+    # torch (1-2 s of every launch). Its answers must be torch's own, here and on a GPU machine.
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")}
+    if extensions_dir:
+        env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # torch's default root follows it
+    out = subprocess.run([sys.executable, "-c", LAUNCHER_PROBE], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["torch_loaded"] is False
+    assert got["cuda"] == got["torch_cuda"]
+    assert got["ds_accelerator"] == (None if got["torch_cuda"] else "cpu")
+    assert got["build_dir"] == got["torch_build_dir"]
+    assert got["build_dir"].startswith(str(tmp_path))
+
+
 # --------------------------------------------------------------------------- dry runs
 
 

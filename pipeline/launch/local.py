@@ -23,10 +23,39 @@ class LaunchError(RuntimeError):
         self.exit_code = exit_code
 
 
-def _has_cuda() -> bool:
-    import torch
+def _torch_build() -> dict[str, str | None]:
+    """torch.version's `cuda` and `hip` (None: not built for it), read from its file without
+    importing torch (1-2 s, in launchers that train nothing); {} when that file cannot be read."""
+    import importlib.util
+    import re
 
-    return torch.cuda.is_available()
+    try:
+        version = (Path(importlib.util.find_spec("torch").origin).parent / "version.py").read_text()
+    except (AttributeError, TypeError, OSError):
+        return {}
+    found = {}
+    for name in ("cuda", "hip"):
+        m = re.search(rf"^{name}\b[^=]*=\s*(?:'([^']*)'|None)\s*$", version, re.M)
+        if m is None:
+            return {}
+        found[name] = m.group(1)
+    return found
+
+
+def _has_cuda() -> bool:
+    """Whether this machine's ranks can have a GPU, answered without importing torch: torch built
+    for CUDA or ROCm, such a device present, and CUDA_VISIBLE_DEVICES not hiding them all. It errs
+    toward "yes": a rank that then finds no usable GPU picks DeepSpeed's CPU accelerator itself
+    (pipeline.train.worker)."""
+    build = _torch_build()
+    if not build:  # an unusual torch install: ask torch itself
+        import torch
+
+        return torch.cuda.is_available()
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1") and not os.environ.get("HIP_VISIBLE_DEVICES"):
+        return False
+    nvidia = any(Path("/dev").glob("nvidia[0-9]*")) or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+    return bool((build["cuda"] and nvidia) or (build["hip"] and Path("/dev/kfd").exists()))
 
 
 def worker_env(nprocs: int) -> dict[str, str]:
@@ -65,10 +94,22 @@ def use_this_environments_ninja(environ=os.environ) -> None:
 
 
 def jit_build_dir(name: str) -> Path:
-    """The folder torch JIT-builds op `name` in (under ~/.cache/torch_extensions, shared machine-wide)."""
-    from torch.utils.cpp_extension import _get_build_directory
+    """The folder torch JIT-builds op `name` in (under ~/.cache/torch_extensions, shared machine-wide):
+    torch.utils.cpp_extension._get_build_directory's naming, without importing torch (and without
+    creating the folder); tests/test_launch.py holds it equal to torch's own."""
+    build = _torch_build()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None and build and sys.platform.startswith("linux"):  # torch._appdirs' Linux cache folder
+        cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+        accel = (f"rocm{build['hip'].replace('.', '')}" if build["hip"] else
+                 f"cu{build['cuda'].replace('.', '')}" if build["cuda"] else "cpu")
+        folder = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}"
+        root = os.path.join(os.path.realpath(os.path.join(cache, "torch_extensions")), folder)
+    if root is None:  # an unusual torch install: ask torch itself
+        from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(name, False))
+        return Path(_get_build_directory(name, False))
+    return Path(root) / name
 
 
 def stale_extension_locks(now: float | None = None) -> list[tuple[Path, float]]:
