@@ -432,8 +432,8 @@ class _Sender:
                         while not self._closed and time.monotonic() < until:
                             self._cv.wait(until - time.monotonic())
                         pause = min(pause * 2, BACKOFF_S[1])
-                        if self._closed and not self._items:
-                            return
+                        if self._closed:  # close() has reported what is left: stop trying (no spin
+                            return        # of instant retries against a server that refuses connections)
                     continue
                 _warn(f"tracking server {self._uri} refused a {batch[0][0]} call, dropped: {e}")
             finally:

@@ -143,6 +143,15 @@ def test_nothing_listening_warns_once_and_training_goes_on(tmp_path, capfd, monk
     rank0.close(0)
     err = capfd.readouterr().err
     assert "unreachable" in err and "200 tracking call(s) for run" in err
+    # ...and then stops trying: its sender thread ends instead of retrying at full speed against a
+    # port that refuses at once (it did, and burned a core of every later stage in the same process).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.name == "mlflow-00000000" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "mlflow-00000000"]
+    cpu = time.process_time()
+    time.sleep(1.0)
+    assert time.process_time() - cpu < 0.5  # this process is idle again
 
 
 TELEMETRY_PROBE = """
