@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from tools.bench_tracking import _place_threads, _restore_threads, bench_tracking, bench_tracking_table, split_cores
+from tools.bench_tracking import (_place_threads, _restore_threads, bench_tracking, bench_tracking_table, noise_floor,
+                                  split_cores)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,10 @@ def test_bench_reports_step_times_and_where_the_cpu_went():
     assert result["server_nice"] == 19
     # 80 steps x 7 metrics were delivered: the sender thread spent real CPU on it, and so did the server
     assert 0 < result["sender_cpu_s_on"] < 30 and result["server_cpu_s"] > 0
+    floor = result["noise_floor"]
+    assert floor["p99"] == max(floor["off_again_vs_off"], floor["off_halves"], floor["off_again_halves"])
     table = bench_tracking_table(result)
+    assert f"p99 {floor['p99']:.1%} apart" in table
     assert "sender thread CPU" in table and "(nice 19)" in table and "noise floor" in table
     if len(cores_before) >= 2:  # --pin split (the default): the loop alone on one core
         loop, rest = result["cores"]["loop"], result["cores"]["server_and_senders"]
@@ -64,3 +68,24 @@ def test_pinning_puts_the_loop_alone_and_restores_every_thread():
     assert split_cores("none") is None
     with pytest.raises(ValueError, match="--pin must be"):
         split_cores("half")
+
+
+def test_noise_floor_is_the_widest_of_three_same_loop_pairs():
+    # off: its even rounds (0, 2) end in 10 ms steps, its odd rounds (1, 3) in 12 ms: the halves
+    # differ by 1/6 while off and off_again pooled agree (one pair alone would read 0 %)
+    steps = 100
+    off = [t for r in range(4) for t in [1.0] * 98 + [10.0 if r % 2 == 0 else 12.0] * 2]
+    off_again = list(off)
+    floor = noise_floor(off, off_again, steps)
+    assert floor["off_again_vs_off"] == 0.0
+    assert floor["off_halves"] == pytest.approx(1 / 6) and floor["off_again_halves"] == pytest.approx(1 / 6)
+    assert floor["p99"] == pytest.approx(1 / 6)
+    # one round: no halves to compare, the pair alone
+    one = noise_floor([1.0] * 99 + [2.0], [1.0] * 99 + [3.0], 100)
+    assert one["off_halves"] is None and one["p99"] == pytest.approx(abs(_p99([1.0] * 99 + [3.0]) / _p99([1.0] * 99 + [2.0]) - 1))
+
+
+def _p99(times):
+    from tools.bench_tracking import _percentile
+
+    return _percentile(times, 99)
