@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from tools.bench_tracking import (_place_threads, _restore_threads, bench_tracking, bench_tracking_table, noise_floor,
-                                  split_cores)
+from tools.bench_tracking import (_percentile, _place_threads, _restore_threads, bench_tracking, bench_tracking_table,
+                                  noise_floor, split_cores)
 
 pytestmark = pytest.mark.slow
 
@@ -81,11 +81,6 @@ def test_noise_floor_is_the_widest_of_three_same_loop_pairs():
     assert floor["off_halves"] == pytest.approx(1 / 6) and floor["off_again_halves"] == pytest.approx(1 / 6)
     assert floor["p99"] == pytest.approx(1 / 6)
     # one round: no halves to compare, the pair alone
-    one = noise_floor([1.0] * 99 + [2.0], [1.0] * 99 + [3.0], 100)
-    assert one["off_halves"] is None and one["p99"] == pytest.approx(abs(_p99([1.0] * 99 + [3.0]) / _p99([1.0] * 99 + [2.0]) - 1))
-
-
-def _p99(times):
-    from tools.bench_tracking import _percentile
-
-    return _percentile(times, 99)
+    a, b = [1.0] * 99 + [2.0], [1.0] * 99 + [3.0]
+    one = noise_floor(a, b, 100)
+    assert one["off_halves"] is None and one["p99"] == pytest.approx(abs(_percentile(b, 99) / _percentile(a, 99) - 1))
