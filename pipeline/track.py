@@ -687,6 +687,7 @@ def register_onnx_model(
     import numpy as np
     import onnx
     from mlflow.models import ModelSignature
+    from mlflow.tracking import MlflowClient
     from mlflow.types.schema import Schema, TensorSpec
 
     example = np.asarray(input_example, dtype=np.float32)  # (1, C, H, W)
@@ -696,9 +697,17 @@ def register_onnx_model(
     )
     mlflow.set_tracking_uri(tracker.tracking_uri)
     mlflow.set_registry_uri(tracker.tracking_uri)
+    # The logged model belongs to the run's experiment, so its files go where that experiment's go
+    # (beside a sqlite store, in the run folder). Left to itself, log_model puts a model logged
+    # outside an active run into the Default experiment, whose artifacts a sqlite store keeps in
+    # ./mlruns of whatever directory the first command ran in.
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=tracker.run_id,
+                                        params={k: str(v) for k, v in run.data.params.items()})  # as log_model would
     model = onnx.load(str(onnx_path))  # external data (if any) was checked to stay in the model's folder
     info = mlflow.onnx.log_model(
-        model, name="model", run_id=tracker.run_id, signature=signature, input_example=example,
+        model, name="model", model_id=logged.model_id, run_id=tracker.run_id, signature=signature, input_example=example,
         pip_requirements=pip_requirements, onnx_execution_providers=providers,
         metadata={"vitpipe": json.loads(json.dumps(metadata, default=str))},
         save_as_external_data=model.ByteSize() > (1 << 30),  # inline below 1 GB: one file to ship

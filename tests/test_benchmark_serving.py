@@ -94,11 +94,16 @@ def registered(trained, tmp_path_factory):
     shutil.copytree(trained["onnx"].parent, export_dir)
     shutil.copy(export_dir / "model.onnx", export_dir / "model.copy.onnx")  # a second variant: any .onnx file
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracker = MLflowTracker.start(TrackingConfig(uri=uri, experiment="bench-test"), "benchmark")
-    result = bench_stage.run(BenchmarkConfig(**SMALL), export_dir / "model.onnx", trained["pair"], root / "bench",
-                             tracker, registered_model="digits-vit")
-    tracker.finish()
-    return {"root": root, "uri": uri, "result": result, "out": root / "bench"}
+    cwd = root / "cwd"  # where the command ran: an empty folder that must stay empty
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        tracker = MLflowTracker.start(TrackingConfig(uri=uri, experiment="bench-test"), "benchmark")
+        result = bench_stage.run(BenchmarkConfig(**SMALL), export_dir / "model.onnx", trained["pair"], root / "bench",
+                                 tracker, registered_model="digits-vit")
+        tracker.finish()
+    return {"root": root, "uri": uri, "result": result, "out": root / "bench", "cwd": cwd,
+            "run_id": tracker.run_id, "experiment_id": tracker.experiment_id}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -373,6 +378,24 @@ def test_registered_version_has_tags_requirements_and_predicts_like_pytorch(regi
     expected = _torch_top1(trained["model"], files)
     assert (served.argmax(1) == expected).all()
     assert (expected == labels).mean() >= 0.6  # a real classifier, not a coin: the comparison means something
+
+
+def test_registered_model_is_stored_with_its_run_not_in_the_working_directory(registered):
+    """The logged model belongs to the run's experiment and its files lie beside the sqlite store
+    (the run folder); a model logged outside an active run went to the Default experiment, whose
+    sqlite artifact root is ./mlruns of the directory the command ran in."""
+    from mlflow.tracking import MlflowClient
+
+    assert list(registered["cwd"].iterdir()) == []  # no ./mlruns, no ./mlartifacts
+    client = MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"])
+    logged_id = registered["result"]["registered"]["logged_model_uri"].removeprefix("models:/")
+    logged = client.get_logged_model(logged_id)
+    assert logged.experiment_id == registered["experiment_id"] != "0"
+    assert logged.source_run_id == registered["run_id"] and str(logged.status) == "READY"
+    stored = Path(logged.artifact_location.removeprefix("file://"))
+    assert stored.is_relative_to(registered["root"] / "mlartifacts") and (stored / "model.onnx").is_file()
+    version = client.get_model_version("digits-vit", "1")
+    assert version.source == f"models:/{logged_id}" and version.run_id == registered["run_id"]
 
 
 def test_predict_gives_pytorchs_answer_from_onnx_weights_and_registry(registered, trained, tmp_path, monkeypatch,
