@@ -730,6 +730,11 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
+    registry = mlflow.get_registry_uri()
+    if registry.startswith("sqlite:///") and not Path(registry[len("sqlite:///"):]).is_file():
+        # Opening a sqlite store creates it: a mistyped folder would get an empty mlflow.db and "not found".
+        raise FileNotFoundError(f"{model_uri}: no MLflow store at {registry[len('sqlite:///'):]}; set "
+                                f"MLFLOW_TRACKING_URI to the store that registered it (e.g. sqlite:///<folder>/mlflow.db)")
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:

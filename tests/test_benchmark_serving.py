@@ -441,6 +441,31 @@ def test_predict_errors_name_the_image_or_model(trained, tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
 
 
+def test_predict_from_a_folder_without_the_store_names_it_and_creates_nothing(registered, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A models:/ URI read from the wrong folder: a sqlite store that is not there is named, not
+    created (opening one creates an empty mlflow.db, and the answer would be "not found")."""
+    import mlflow
+
+    from pipeline.cli import main
+
+    files, _ = _digit_files(tmp_path / "digits", n=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(None)  # what an earlier tracker in this process set
+    mlflow.set_registry_uri(None)
+    capsys.readouterr()
+    assert main(["predict", "models:/digits-vit/1", str(files[0])]) == 1
+    err = capsys.readouterr().err
+    assert f"models:/digits-vit/1: no MLflow store at {elsewhere / 'mlflow.db'}" in err and "MLFLOW_TRACKING_URI" in err
+    assert list(elsewhere.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])  # the way out the message gives
+    assert main(["predict", "models:/digits-vit/1", str(files[0])]) == 0
+
+
 # --------------------------------------------------------------------------- GPU paths
 
 
