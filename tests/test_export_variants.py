@@ -7,11 +7,13 @@ images) so the accuracy gate is measured on a model that has learned something.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.config import ConfigError, DataConfig, ExportConfig, ModelConfig, load_config
 from pipeline.export import graph as graph_builder
@@ -127,6 +129,36 @@ def test_metadata_round_trips_through_an_onnxruntime_session(exported):
         assert meta["pos_embed_interp"] == "bicubic" and "bicubic resize" in meta["resize"] and meta["crop"] is None
         assert meta["weights_sha256"] == sha
     assert info["metadata"]["weights_sha256"] == sha and read_metadata(out / "model.onnx")["variant"] == "fp32"
+
+
+def test_predict_reads_each_variant_file_alone_from_its_metadata(exported, trained, tmp_path, capsys):
+    """A variant shipped without model.onnx.json (only model.onnx has one) still predicts: its
+    preprocessing comes from its own vitpipe.* metadata, and its answers are PyTorch's."""
+    import shutil
+
+    from pipeline.cli import main
+    from pipeline.export.predict import load_predictor
+    from pipeline.export.variants import labelled_images
+    from pipeline.model.weights import model_from_pair
+
+    info, out, weights = exported
+    _, manifest = trained
+    reference = load_predictor(weights)
+    images, _ = labelled_images(manifest, "val", 64, model_from_pair(weights)[1])
+    expected = reference.logits(images.numpy()).argmax(1)
+    for name in ALL:
+        alone = tmp_path / name
+        alone.mkdir()
+        path = Path(shutil.copy(out / variant_file(name), alone))
+        predictor = load_predictor(path)
+        assert predictor.preprocessing == reference.preprocessing, name
+        agreement = (predictor.logits(images.numpy()).argmax(1) == expected).mean()
+        assert agreement >= (1.0 if name in ("fp32", "optimized") else 0.95), (name, agreement)
+    image = tmp_path / "digit.png"
+    Image.fromarray((images[0, 0].numpy() * 0.5 + 0.5).clip(0, 1) * 255).convert("L").save(image)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "int8_dynamic" / variant_file("int8_dynamic")), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["top_k"][0]["class"] in CLASSES
 
 
 def test_accuracy_gate_fails_when_int8_loses_accuracy_and_leaves_no_finished_export(trained, tmp_path):

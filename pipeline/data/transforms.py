@@ -24,6 +24,11 @@ from PIL import Image, ImageEnhance, ImageOps
 
 # ------------------------------------------------------------------------------- the base transform
 
+# `make_transform` in words: what every exported file's metadata says, so a consumer outside
+# vitpipe can reproduce the input (and `vitpipe predict` recognizes it).
+RESIZE_RULE = "convert to L (1 channel) or RGB (3), bicubic resize to image_size (aspect ratio not kept), no crop"
+SCALE_RULE = "pixels / 255, then (x - mean) / std per channel; layout NCHW float32"
+
 
 def _per_channel(values: Sequence[float], in_channels: int, name: str) -> torch.Tensor:
     values = [float(v) for v in values]

@@ -1,7 +1,7 @@
 """`vitpipe predict MODEL IMAGE...`: top-k classes of image files, from any form of the model.
 
-MODEL is a model.onnx (preprocessing from model.onnx.json beside it, else from the file's
-metadata_props), a weights pair (model.safetensors / model.json / their folder, run in PyTorch),
+MODEL is a model.onnx or any exported variant (preprocessing from model.onnx.json beside it, else
+from the file's own vitpipe.* metadata_props), a weights pair (model.safetensors / model.json / their folder, run in PyTorch),
 a folder holding either, or a registry URI ``models:/<name>/<version>`` (the metadata logged
 with it). Every form goes through the one image transform training and evaluation use
 (`pipeline.data.transforms.make_transform`: to L or RGB, bicubic resize, /255, (x - mean) / std), so
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.transforms import make_transform
-from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
+from pipeline.data.transforms import RESIZE_RULE, make_transform
+from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session, read_metadata
 from pipeline.run_layout import ONNX_FILE, WEIGHTS_FILE
 from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 
@@ -76,7 +76,9 @@ class Predictor:
 
 
 def _onnx_metadata(path: Path) -> dict:
-    """model.onnx.json beside the file, else the ONNX metadata_props (values JSON where they parse)."""
+    """model.onnx.json beside the file, else the ONNX metadata_props: the `vitpipe.*` keys every
+    exported variant carries (`variants.preprocessing_metadata`), or another tool's plain
+    mean/std keys or one JSON blob."""
     sidecar = path.with_name(path.name + ".json")
     if sidecar.is_file():
         try:
@@ -85,6 +87,12 @@ def _onnx_metadata(path: Path) -> dict:
             raise ValueError(f"{sidecar}: not valid JSON: {e}") from None
     import onnx
 
+    ours = read_metadata(path)
+    if {"mean", "std", "image_size", "in_channels"} <= ours.keys():
+        resize = ours.get("resize", RESIZE_RULE)  # the rule in words; another rule is refused by name
+        return {"input": {"shape": ["batch", ours["in_channels"], *ours["image_size"]], "mean": ours["mean"],
+                          "std": ours["std"], "resize": "bicubic" if resize == RESIZE_RULE else resize},
+                "class_names": ours.get("class_names"), "num_classes": ours.get("num_classes")}
     proto = onnx.load(str(path), load_external_data=False)
     props = {}
     for p in proto.metadata_props:

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import EXPORT_VARIANTS, ExportConfig
 from pipeline.data.eval_stream import iter_split
-from pipeline.data.transforms import make_transform
+from pipeline.data.transforms import RESIZE_RULE, SCALE_RULE, make_transform
 from pipeline.export import graph as graph_builder
 from pipeline.export import precision
 from pipeline.export.onnx_export import (ExportError, compare_logits, export_graph, export_onnx, onnx_logits,
@@ -31,8 +31,6 @@ from pipeline.export.onnx_export import (ExportError, compare_logits, export_gra
 from pipeline.model.vit import VisionTransformer
 
 BUILT = ("optimized", "fp16", "int8_dynamic", "int8_static")  # the variants that start from the fused graph
-RESIZE_RULE = "convert to L (1 channel) or RGB (3), bicubic resize to image_size (aspect ratio not kept), no crop"
-SCALE_RULE = "pixels / 255, then (x - mean) / std per channel; layout NCHW float32"
 
 
 def variant_file(variant: str) -> str:
