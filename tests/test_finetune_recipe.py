@@ -254,17 +254,41 @@ def test_model_settings_apply_and_architecture_changes_are_refused(pair):
     assert finetune_model_config(dataclasses.replace(weights_cfg, drop_path=0.2),
                                  load_config(None).model, "w").drop_path == 0.2
     wide = load_config(TINY, ["model.width=64", "model.depth=2"]).model
-    with pytest.raises(ConfigError, match=r"model\.width: the recipe sets 64 but the weights .* have 32"):
-        finetune_model_config(weights_cfg, wide, str(pair))
+    with pytest.raises(ConfigError, match=r"model\.width: the recipe sets 64, the weights have 32\n  model\.mean"):
+        finetune_model_config(weights_cfg, wide, str(pair))  # (tiny's mean and std are not the weights' either)
+    with pytest.raises(ConfigError, match=r"model\.width: the recipe sets 64 but the weights .* have 32; .* or set "
+                                          r"model\.width=32 "):
+        finetune_model_config(weights_cfg, load_config(TINY, ["model.width=64", "model.depth=2", "model.mean=[0.5]",
+                                                              "model.std=[0.5]"]).model, str(pair))
     with pytest.raises(ValueError, match="would change the stored architecture"):
         model_from_pair(pair, settings={"width": 64})
+
+
+def test_every_architecture_difference_is_named_at_once_with_overrides_that_work(pair):
+    """A recipe written for other weights differs in many fields: one error lists them all, and
+    the overrides it gives, pasted onto the command line, are accepted."""
+    _, meta = read_weights_pair(pair)
+    weights_cfg = ModelConfig(**meta["architecture"])
+    other = ["model.width=64", "model.depth=3", "model.mlp_dim=200", "model.in_channels=3",
+             "model.mean=[0.4,0.4,0.4]", "model.std=[0.2,0.2,0.2]"]
+    with pytest.raises(ConfigError) as err:
+        finetune_model_config(weights_cfg, load_config(TINY, other).model, str(pair))
+    text = str(err.value)
+    differing = [k.split("=")[0] for k in other]
+    assert f"the recipe sets {len(differing)} architecture fields that differ from the weights {pair}" in text
+    for key in differing:
+        assert f"{key}: the recipe sets " in text, key
+    overrides = text.rsplit("add the overrides ", 1)[1].split()
+    assert [o.split("=")[0] for o in overrides] == differing
+    merged = finetune_model_config(weights_cfg, load_config(TINY, other + overrides).model, str(pair))
+    assert merged == weights_cfg
 
 
 def test_finetune_stage_refuses_an_architecture_change_before_launching(pair, digits300, tmp_path):
     from stages import finetune
 
     cfg = load_config(TINY, ["model.depth=2", "model.heads=4", "finetune.image_size=8"])
-    with pytest.raises(ConfigError, match=r"model\.heads: the recipe sets 4 but the weights .* have 2"):
+    with pytest.raises(ConfigError, match=r"model\.heads: the recipe sets 4, the weights have 2"):
         finetune.run(cfg.finetune, digits300, pair, tmp_path / "ft", model=cfg.model)
     assert not (tmp_path / "ft" / "job.json").exists()  # no rank was started
 

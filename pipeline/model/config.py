@@ -7,6 +7,7 @@ re-uses it as the recipe's `model:` section). Torch-free, like `variants.py`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -101,11 +102,19 @@ class ModelConfig:
 FINETUNE_MODEL_FIELDS = ("dropout", "drop_path", "pos_embed_interp")
 
 
+def _override(value) -> str:
+    """`value` as a command-line override writes it (model.mean=[0.5,0.5,0.5], model.hybrid=false)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
 def finetune_model_config(weights: ModelConfig, recipe: ModelConfig, source: str) -> ModelConfig:
     """The model a fine-tune builds: `weights`' architecture with the FINETUNE_MODEL_FIELDS the
     recipe sets. Any other model.* field the recipe sets must agree with the weights (`source`
     names them in the error): fine-tuning cannot change the architecture it starts from."""
     given = recipe.given_fields
+    differ = []
     for f in dataclasses.fields(ModelConfig):
         name = f.name
         if name == "variant" or name in FINETUNE_MODEL_FIELDS or name not in given:
@@ -116,10 +125,21 @@ def finetune_model_config(weights: ModelConfig, recipe: ModelConfig, source: str
             continue  # the hybrid's tokens are the stem's pixels
         mine, theirs = getattr(recipe, name), getattr(weights, name)
         if mine != theirs:
-            raise ConfigError(
-                f"model.{name}: the recipe sets {mine!r} but the weights {source} have {theirs!r}; fine-tuning "
-                f"keeps the architecture of its weights: remove model.{name} from the recipe or set "
-                f"model.{name}={theirs!r} (only model.{', model.'.join(FINETUNE_MODEL_FIELDS)} may differ)")
+            differ.append((name, mine, theirs))
+    may = f"only model.{', model.'.join(FINETUNE_MODEL_FIELDS)} may differ"
+    if len(differ) == 1:
+        (name, mine, theirs), = differ
+        raise ConfigError(
+            f"model.{name}: the recipe sets {mine!r} but the weights {source} have {theirs!r}; fine-tuning "
+            f"keeps the architecture of its weights: remove model.{name} from the recipe or set "
+            f"model.{name}={_override(theirs)} ({may})")
+    if differ:  # all of them at once: a recipe written for other weights differs in many
+        lines = "\n".join(f"  model.{name}: the recipe sets {mine!r}, the weights have {theirs!r}"
+                          for name, mine, theirs in differ)
+        raise ConfigError(
+            f"model: the recipe sets {len(differ)} architecture fields that differ from the weights {source}:\n"
+            f"{lines}\nfine-tuning keeps the architecture of its weights ({may}): remove these keys from the "
+            f"recipe, or add the overrides {' '.join(f'model.{n}={_override(t)}' for n, _, t in differ)}")
     settings = {name: getattr(recipe, name) for name in FINETUNE_MODEL_FIELDS if name in given}
     return dataclasses.replace(weights, **settings)
 
