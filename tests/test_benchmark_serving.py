@@ -441,6 +441,43 @@ def test_predict_errors_name_the_image_or_model(trained, tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
 
 
+def test_predict_takes_folders_and_runs_them_in_bounded_batches(trained, tmp_path, capsys):
+    """A folder stands for every image below it (sorted, any depth, hidden folders and non-image
+    files skipped); images are read and run --batch-size at a time, each line printed as its batch
+    is done, with the answers of one file at a time."""
+    from pipeline.cli import main
+    from pipeline.export.predict import iter_predictions
+
+    files, _ = _digit_files(tmp_path / "digits" / "a", n=7)
+    deeper, _ = _digit_files(tmp_path / "digits" / "b" / "c", n=3)
+    (tmp_path / "digits" / "README.txt").write_text("not an image")
+    (tmp_path / "digits" / ".cache").mkdir()
+    Image.open(files[0]).save(tmp_path / "digits" / ".cache" / "thumb.png")
+    expected = _torch_top1(trained["model"], files + deeper)
+    predictor = load_predictor(trained["onnx"])
+    sizes = []
+    logits = predictor.logits
+    predictor.logits = lambda x: (sizes.append(len(x)), logits(x))[1]
+    got = list(iter_predictions(predictor, [tmp_path / "digits"], top_k=1, batch_size=4))
+    assert [r["image"] for r in got] == [str(f) for f in files + deeper] and sizes == [4, 4, 2]
+    assert [int(r["top_k"][0]["class"]) for r in got] == expected.tolist()
+    one_by_one = list(iter_predictions(predictor, files + deeper, top_k=1, batch_size=1))
+    for a, b in zip(got, one_by_one):
+        assert a["top_k"][0]["probability"] == pytest.approx(b["top_k"][0]["probability"], abs=1e-5)
+
+    capsys.readouterr()
+    assert main(["predict", str(trained["onnx"]), str(tmp_path / "digits" / "b"), str(files[0]),
+                 "--top-k", "1", "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(f) for f in deeper + files[:1]]
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main(["predict", str(trained["onnx"]), str(empty)]) == 1
+    assert f"{empty}: folder holds no image files (.png" in capsys.readouterr().err
+    assert main(["predict", str(trained["onnx"]), str(files[0]), "--batch-size", "0"]) == 1
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_predict_from_a_folder_without_the_store_names_it_and_creates_nothing(registered, tmp_path, monkeypatch,
                                                                              capsys):
     """A models:/ URI read from the wrong folder: a sqlite store that is not there is named, not

@@ -179,6 +179,14 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def images_below(folder: Path, root: Path | None = None) -> list[Path]:
+    """The image files (FOLDER_IMAGE_EXTENSIONS) at any depth below `folder`, sorted; one with a
+    hidden part (.name) in its path below `root` (default: `folder`) is skipped."""
+    root = folder if root is None else root
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, root))
+
+
 def read_image_file(path: Path) -> bytes:
     """The file's bytes, after checking PIL can fully decode them."""
     try:
@@ -227,11 +235,7 @@ def _load_folder(root_text: str | None, lazy: bool) -> Source:
     taken: set[str] = set()
     for label, class_dir in enumerate(class_dirs):
         # rglob: images may sit at any depth below the class folder (root/<class>/**/<image>)
-        files = sorted(
-            p
-            for p in class_dir.rglob("*")
-            if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, root)
-        )
+        files = images_below(class_dir, root)
         if not files:
             raise DataError(
                 f"{class_dir}: class folder has no images ({', '.join(FOLDER_IMAGE_EXTENSIONS)}); "

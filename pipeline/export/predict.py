@@ -14,12 +14,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.sources import FOLDER_IMAGE_EXTENSIONS, images_below
 from pipeline.data.transforms import RESIZE_RULE, make_transform
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session, read_metadata
 from pipeline.run_layout import ONNX_FILE, WEIGHTS_FILE
@@ -169,6 +170,26 @@ def load_predictor(model: str | Path, providers: Sequence[str] | None = None) ->
                      "models:/<name>/<version> URI")
 
 
+def image_files(args: Sequence[str | Path]) -> list[Path]:
+    """The image files `args` name: a file as given (PIL decides whether it is an image), a folder
+    as every image below it (FOLDER_IMAGE_EXTENSIONS, any depth, hidden parts skipped, sorted)."""
+    files: list[Path] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found = images_below(p)
+            if not found:
+                raise FileNotFoundError(f"{p}: folder holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: image not found")
+    if not files:
+        raise ValueError("no images given")
+    return files
+
+
 def load_images(paths: Sequence[str | Path], prep: Preprocessing) -> np.ndarray:
     """(N, C, H, W) float32 of the image files, each named in the error if it is missing or unreadable."""
     transform = make_transform(prep.image_size[0], prep.in_channels, prep.mean, prep.std)
@@ -195,35 +216,44 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def predict(predictor: Predictor, images: Sequence[str | Path], top_k: int = 5, batch_size: int = 64) -> list[dict]:
-    """Per image: its path and the top-k {"class", "index", "probability"}, most probable first."""
+def iter_predictions(predictor: Predictor, images: Sequence[str | Path], top_k: int = 5,
+                     batch_size: int = 64) -> Iterator[dict]:
+    """Per image file (folders expanded by `image_files`), in order: its path and the top-k
+    {"class", "index", "probability"}, most probable first. Images are read `batch_size` at a
+    time, so memory stays bounded however many there are."""
     if top_k < 1:
         raise ValueError(f"--top-k: must be >= 1, got {top_k}")
-    x = load_images(images, predictor.preprocessing)
-    logits = np.concatenate([predictor.logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
+    files = image_files(images)
     names = predictor.preprocessing.class_names
-    if names and len(names) != logits.shape[1]:
-        raise ValueError(f"{predictor.source}: {logits.shape[1]} outputs but {len(names)} class names in its metadata")
-    probs = softmax(logits)
-    out = []
-    for path, p in zip(images, probs):
-        order = np.argsort(-p, kind="stable")[: min(top_k, len(p))]
-        out.append({"image": str(path), "top_k": [
-            {"class": names[i] if names else str(i), "index": int(i), "probability": float(p[i])} for i in order]})
-    return out
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        logits = predictor.logits(load_images(chunk, predictor.preprocessing))
+        if names and len(names) != logits.shape[1]:
+            raise ValueError(f"{predictor.source}: {logits.shape[1]} outputs but {len(names)} class names in its metadata")
+        for path, p in zip(chunk, softmax(logits)):
+            order = np.argsort(-p, kind="stable")[: min(top_k, len(p))]
+            yield {"image": str(path), "top_k": [
+                {"class": names[i] if names else str(i), "index": int(i), "probability": float(p[i])} for i in order]}
+
+
+def predict(predictor: Predictor, images: Sequence[str | Path], top_k: int = 5, batch_size: int = 64) -> list[dict]:
+    """`iter_predictions` as a list."""
+    return list(iter_predictions(predictor, images, top_k=top_k, batch_size=batch_size))
 
 
 def run_predict(args) -> int:
     """The `vitpipe predict` command: print a line per image (or JSON with --json)."""
     predictor = load_predictor(args.model, providers=args.providers)
-    results = predict(predictor, args.images, top_k=args.top_k)
+    results = iter_predictions(predictor, args.images, top_k=args.top_k, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({"model": predictor.source, "kind": predictor.kind, "providers": predictor.providers,
-                          "predictions": results}, indent=2))
+                          "predictions": list(results)}, indent=2))
         return 0
-    for r in results:
+    for r in results:  # a line per image as its batch is done: a large folder shows progress
         best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
-        print(f"{r['image']}: {best}")
+        print(f"{r['image']}: {best}", flush=True)
     print(f"({predictor.kind} model {predictor.source}, {', '.join(predictor.providers)})", file=sys.stderr)
     return 0
 
@@ -231,11 +261,12 @@ def run_predict(args) -> int:
 def add_predict_parser(sub) -> None:
     """`vitpipe predict MODEL IMAGE... [--top-k K] [--json]`."""
     p = sub.add_parser("predict", help="top-k classes of image files (model.onnx, weights pair or models:/ URI)",
-                       description="Classify PNG/JPEG files with a model.onnx (preprocessing from model.onnx.json), "
+                       description="Classify PNG/JPEG files (or every image below a folder) with a model.onnx (preprocessing from model.onnx.json), "
                        "a weights pair (PyTorch) or a registered model models:/<name>/<version> (the registry at "
                        "MLFLOW_TRACKING_URI). Prints the top-k class names and probabilities per image.")
     p.add_argument("model", help="model.onnx, model.safetensors/model.json (or their folder), or models:/<name>/<version>")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) or folders (every image below them)")
+    p.add_argument("--batch-size", type=int, default=64, help="images read and run at a time (default 64)")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.add_argument("--providers", nargs="+", metavar="PROVIDER",
