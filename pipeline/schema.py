@@ -21,9 +21,48 @@ class ConfigError(ValueError):
     """A config value or file that cannot be used; the message names the key or file."""
 
 
+# The names timm, Hugging Face and DeepSpeed give what vitpipe calls otherwise; spelling distance
+# alone answers pretrain.batch_size with 'image_size'. A name leads to those of its keys that exist
+# where it was written (model.hidden_size -> width, pretrain.batch_size -> global_batch).
+_KNOWN_AS = {
+    **dict.fromkeys(("batch_size", "train_batch_size", "batch"), ("global_batch", "micro_batch")),
+    **dict.fromkeys(("train_micro_batch_size_per_gpu", "micro_batch_size", "per_device_batch_size",
+                     "per_device_train_batch_size"), ("micro_batch",)),
+    **dict.fromkeys(("gradient_accumulation_steps", "accum_steps", "accumulation_steps"), ("grad_accum",)),
+    **dict.fromkeys(("learning_rate", "base_lr", "blr"), ("lr",)),
+    **dict.fromkeys(("epochs", "num_epochs", "max_steps", "total_steps", "num_steps", "iterations",
+                     "train_steps"), ("steps",)),
+    **dict.fromkeys(("warmup", "warmup_epochs", "num_warmup_steps"), ("warmup_steps",)),
+    **dict.fromkeys(("hidden_size", "embed_dim", "dim", "d_model", "hidden_dim"), ("width",)),
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "layers", "n_layers"), ("depth",)),
+    **dict.fromkeys(("num_attention_heads", "num_heads", "n_heads"), ("heads",)),
+    **dict.fromkeys(("intermediate_size", "mlp_ratio", "ffn_dim"), ("mlp_dim",)),
+    **dict.fromkeys(("patch", "patch_sz"), ("patch_size",)),
+    **dict.fromkeys(("img_size", "input_size", "resolution", "size"), ("image_size",)),
+    **dict.fromkeys(("num_channels", "in_chans", "channels"), ("in_channels",)),
+    **dict.fromkeys(("drop_rate", "hidden_dropout_prob", "dropout_rate"), ("dropout",)),
+    **dict.fromkeys(("drop_path_rate", "stochastic_depth"), ("drop_path",)),
+    **dict.fromkeys(("layer_norm_eps", "eps"), ("norm_eps",)),
+    **dict.fromkeys(("wd",), ("weight_decay",)),
+    **dict.fromkeys(("max_grad_norm", "clip_grad_norm", "gradient_clipping", "grad_clip"), ("clip_grad",)),
+    **dict.fromkeys(("num_workers",), ("workers",)),
+    **dict.fromkeys(("smoothing",), ("label_smoothing",)),
+    **dict.fromkeys(("zero", "zero_optimization"), ("zero_stage",)),
+    **dict.fromkeys(("fp16", "bf16", "amp", "mixed_precision", "dtype"), ("precision",)),
+    **dict.fromkeys(("world_size", "nproc_per_node", "gpus"), ("ranks",)),
+    **dict.fromkeys(("lr_scheduler", "scheduler", "sched"), ("schedule",)),
+    **dict.fromkeys(("opt",), ("optimizer",)),
+}
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"did you mean '{near[0]}'? " if near else ""
+    known = [k for k in _KNOWN_AS.get(key.lower(), ()) if k in valid]
+    if known:
+        unit = " (counted in optimizer steps, not epochs)" if "epoch" in key.lower() else ""
+        hint = f"vitpipe calls it {' or '.join(repr(k) for k in known)}{unit}; "
+    else:
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'? " if near else ""
     return f"{hint}valid keys: {', '.join(valid)}"
 
 

@@ -64,6 +64,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["pretrain.stepz=5"], "pretrain.stepz", "did you mean 'steps'"),
         (["modle.depth=2"], "modle", "did you mean 'model'"),
         (["model.widht=64"], "model.widht", "did you mean 'width'"),
+        # names from timm / Hugging Face / DeepSpeed lead to ours (spelling alone says 'image_size')
+        (["pretrain.batch_size=64"], "pretrain.batch_size", "vitpipe calls it 'global_batch' or 'micro_batch'"),
+        (["model.hidden_size=64"], "model.hidden_size", "vitpipe calls it 'width'"),
+        (["model.num_attention_heads=2"], "model.num_attention_heads", "vitpipe calls it 'heads'"),
+        (["finetune.epochs=3"], "finetune.epochs", "vitpipe calls it 'steps' (counted in optimizer steps"),
+        (["finetune.learning_rate=0.1"], "finetune.learning_rate", "vitpipe calls it 'lr'"),
+        (["pretrain.gradient_accumulation_steps=2"], "pretrain.gradient_accumulation_steps", "calls it 'grad_accum'"),
         (["pretrain.steps=ten"], "pretrain.steps", "expected an integer"),
         (["pretrain.lr=fast"], "pretrain.lr", "expected a number"),
         (["pretrain.lr=.nan"], "pretrain.lr", "expected a finite number, got nan"),
