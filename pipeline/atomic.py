@@ -8,6 +8,7 @@ module. The rule, once:
   (same filesystem, so the rename is atomic; unique, so two writers never share a temporary),
 - flushed to disk with fsync where a crash must not leave an empty file behind a valid name,
 - renamed over the destination with `os.replace` (and the folder fsynced so the rename survives),
+  with the mode a plain `open()` / `mkdir()` would give it (the umask's, not mkstemp's 0o600),
 - removed on any failure, so nothing half-written is left looking complete.
 
 `atomic_path` hands the temporary name to writers that want a path (torch.save, onnx.save,
@@ -31,6 +32,29 @@ TMP_MARK = ".tmp-"
 def _tmp_name(path: Path) -> str:
     # Hidden, names the destination and the writer's pid; tempfile adds randomness on top.
     return f".{path.name}{TMP_MARK}{os.getpid()}-"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, and a thread creating a
+    file in between would get mode 0o666/0o777)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # no /proc: the brief window is narrowed to the most private mode
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, folder: bool) -> None:
+    """Give `path` the mode `open()` / `mkdir()` would have: mkstemp and mkdtemp make 0o600 / 0o700,
+    which left every manifest, shard folder, weights file and ONNX model unreadable to the group
+    (a team's shared dataset, a serving container running as another user)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -74,6 +98,8 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         yield tmp
         if fsync and tmp.exists():
             _fsync_file(tmp)
+        if not tmp.is_symlink():
+            _usual_mode(tmp, folder=tmp.is_dir())
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -92,6 +118,7 @@ def atomic_dir(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(path), dir=path.parent))
+    _usual_mode(tmp, folder=True)
     try:
         yield tmp
         if fsync:

@@ -84,3 +84,23 @@ def test_move_into_place_renames_a_finished_file_over_the_old_one(tmp_path):
     finished.write_bytes(b"new")
     assert move_into_place(finished, tmp_path / "model.onnx") == tmp_path / "model.onnx"
     assert (tmp_path / "model.onnx").read_bytes() == b"new" and not finished.exists()
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
+                                                        (0o077, 0o600, 0o700)])
+def test_written_files_and_folders_get_the_umasks_mode_not_mkstemps(tmp_path, umask, file_mode, dir_mode):
+    """What `open()` and `mkdir()` would give: mkstemp's 0o600 and mkdtemp's 0o700 made every
+    manifest, shard folder and weights file unreadable to the group sharing a dataset or a model."""
+    old = os.umask(umask)
+    try:
+        text = atomic.write_text(tmp_path / "manifest.json", "{}")
+        with atomic.atomic_path(tmp_path / "model.safetensors") as tmp:
+            tmp.write_bytes(b"weights")  # a writer that reopens the temporary keeps its mode
+        with atomic.atomic_dir(tmp_path / "shards") as folder:
+            (folder / "shard-000000.tar").write_bytes(b"tar")
+        assert atomic._umask() == umask
+    finally:
+        os.umask(old)
+    for path in (text, tmp_path / "model.safetensors", tmp_path / "shards" / "shard-000000.tar"):
+        assert oct(path.stat().st_mode & 0o777) == oct(file_mode), path
+    assert oct((tmp_path / "shards").stat().st_mode & 0o777) == oct(dir_mode)
