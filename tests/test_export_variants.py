@@ -256,6 +256,24 @@ def test_both_residual_norm_forms_match_pytorch(skip_layer_norm):
     assert fused["LayerNormalization"] == (1 if skip_layer_norm else 7)
 
 
+@pytest.mark.parametrize("skip_layer_norm", [False, True])
+@pytest.mark.parametrize("norm_eps", [1e-12, 0.5])
+def test_fused_graph_keeps_each_norms_eps(norm_eps, skip_layer_norm):
+    """Hugging Face ViTs use LayerNorm eps 1e-12 (model.norm_eps): the fused graph writes the eps of
+    each norm, where it used to refuse every eps but 1e-6. At eps 0.5 a graph that wrote 1e-6
+    would miss PyTorch by far more than the tolerance, so the match says the eps is the model's."""
+    model = tiny_vit(depth=2, norm_eps=norm_eps)
+    proto = graph_builder.build_vit_graph(model, opset=18, skip_layer_norm=skip_layer_norm)
+    x = torch.randn(4, 3, 16, 16)
+    assert np.abs(model(x).detach().numpy() - _session(proto).run(None, {"images": x.numpy()})[0]).max() < 1e-4
+    norms = [n for n in proto.graph.node if n.op_type in ("LayerNormalization", "SkipLayerNormalization")]
+    eps = [a.f for n in norms for a in n.attribute if a.name == "epsilon"]
+    assert len(norms) == 5 and eps == pytest.approx([norm_eps] * 5, rel=1e-6)
+    if norm_eps == 0.5:  # the difference the eps makes is visible, so the match above means something
+        wrong = tiny_vit(depth=2, norm_eps=1e-6)
+        assert np.abs(model(x).detach().numpy() - wrong(x).detach().numpy()).max() > 1e-2
+
+
 @pytest.mark.parametrize("dynamic, patch_op", [(False, "MatMul"), (True, "Conv")])
 def test_patch_embedding_is_a_matmul_at_the_fixed_size(dynamic, patch_op):
     # Fixed size: Reshape/Transpose into patches + MatMul; dynamic resolution keeps the Conv (any H, W).

@@ -48,7 +48,6 @@ from pipeline.model.vit import VisionTransformer
 MS_DOMAIN = "com.microsoft"
 INPUT_NAME = "images"  # the same names as the plain export (onnx_export.INPUT_NAME / OUTPUT_NAME)
 OUTPUT_NAME = "logits"
-LN_EPS = 1e-6  # the blocks' and final norm's eps (vit.Block, VisionTransformer.norm)
 # The op types whose count says "fused": what model.onnx.json's "fusions" records.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu",
              "FastGelu", "Gelu", "QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul")
@@ -234,9 +233,6 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
     if dynamic_resolution and model.stem is not None:
         raise ValueError("dynamic_resolution: the hybrid's stem is exported at its training size; export the "
                          "hybrid with export.dynamic_resolution=false")
-    for blk in model.blocks:
-        if blk.norm1.eps != LN_EPS or blk.norm2.eps != LN_EPS:
-            raise ValueError(f"LayerNorm eps {blk.norm1.eps}/{blk.norm2.eps}: the graph builder assumes {LN_EPS}")
     b = _Builder()
     d, heads = model.width, model.blocks[0].attn.heads if len(model.blocks) else 1
     c = model.in_channels
@@ -271,15 +267,17 @@ def build_vit_graph(model: VisionTransformer, *, opset: int, dynamic_resolution:
         if skip_layer_norm:
             # SkipLayerNormalization(input, skip, gamma, beta, bias) -> (LN(input + skip + bias), _, _, input + skip + bias)
             normed, _, _, total = b.op("SkipLayerNormalization", [x, residual, *_layer_norm_params(b, norm, norm_hint), bias],
-                                       hint, n_out=4, domain=MS_DOMAIN, epsilon=LN_EPS)
+                                       hint, n_out=4, domain=MS_DOMAIN, epsilon=float(norm.eps))
             return normed, total
         total = b.op("Add", [b.op("Add", [x, bias], f"{hint}.bias"), residual], f"{hint}.residual")
         return b.op("LayerNormalization", [total, *_layer_norm_params(b, norm, norm_hint)], hint, axis=-1,
-                    epsilon=LN_EPS), total
+                    epsilon=float(norm.eps)), total
 
     depth = len(model.blocks)
-    normed = b.op("LayerNormalization", [tokens, *_layer_norm_params(b, model.blocks[0].norm1, "blocks.0.norm1")]
-                  if depth else [tokens, *_layer_norm_params(b, model.norm, "norm")], "ln", axis=-1, epsilon=LN_EPS)
+    first_norm, first_hint = (model.blocks[0].norm1, "blocks.0.norm1") if depth else (model.norm, "norm")
+    # each norm keeps its own eps (1e-6 for ours and timm's, 1e-12 for Hugging Face ViTs: model.norm_eps)
+    normed = b.op("LayerNormalization", [tokens, *_layer_norm_params(b, first_norm, first_hint)], "ln", axis=-1,
+                  epsilon=float(first_norm.eps))
     residual = tokens
     for i, blk in enumerate(model.blocks):
         p = f"blocks.{i}"
