@@ -29,7 +29,7 @@ from pipeline.export.onnx_export import INPUT_NAME
 from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 from pipeline.export.providers import GPU_PROVIDERS, default_providers, onnxruntime_package
 from pipeline.tables import format_table
-from pipeline.model.weights import check_model_classes, model_from_pair
+from pipeline.model.weights import check_model_classes, model_from_pair, weights_file
 from pipeline.track import NullTracker, Tracker, model_requirements, register_onnx_model
 from stages import record
 from stages.lineage import content_sha256
@@ -107,7 +107,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     """Benchmark the variants against PyTorch on `weights`; register the first variant as
     `registered_model` when given and tracking is on; return what bench.json holds."""
     tracker = tracker or NullTracker()
-    out_dir, weights = Path(out_dir), Path(weights)
+    out_dir, weights = Path(out_dir), weights_file(weights)  # the pair's folder or .json: its .safetensors
     variants = find_variants(onnx_path, bench.variants)
     if (exported := variants[0].path.with_name(variants[0].path.name + ".json")).is_file():  # the ONNX model's classes
         info = json.loads(exported.read_text())
@@ -134,6 +134,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     requested = list(bench.providers) if bench.providers else default_providers()
     ort, rows, sweep = _time_candidates(bench, variants, model, requested, out_dir, in_channels=in_ch, image_size=(h, w))
     result = _result(bench, variants, ort, rows, sweep, requested)
+    result["weights"] = str(weights)  # the PyTorch baselines' weights, which bench.json did not name
     _log_metrics(tracker, result["rows"])
     load = result["environment"]["load_avg_1m"]
     plot = plot_benchmark(result["onnxruntime"] + result["torch"], result["concurrency"], out_dir / "bench.png",

@@ -76,6 +76,26 @@ def test_a_recipe_with_finetune_never_exports_the_pretrained_weights_instead(run
     assert f"{missing.parent}/model." in capsys.readouterr().err  # the pair it needs, by name
 
 
+def test_export_and_benchmark_take_weights_as_the_pairs_folder_json_or_safetensors(run_folder, tmp_path, capsys):
+    """`--weights` accepts what import-weights and every training stage write (a pair's folder) as
+    predict does; export used to hash the folder as a file and die with IsADirectoryError. The
+    three spellings are one input: the second and third exports are up to date."""
+    pair = run_folder / "pretrain"
+    common = ["--workdir", str(run_folder), "--out", str(tmp_path / "export"), "stages=[prepare,pretrain,export]",
+              "export.variants=[fp32]", "tracking.enabled=false"]
+    for i, weights in enumerate((pair, pair / "model.json", pair / "model.safetensors")):
+        capsys.readouterr()
+        assert main(["export", str(TINY), "--weights", str(weights), *common]) == 0, capsys.readouterr().err
+        assert ("[export] up to date" in capsys.readouterr().out) == (i > 0), weights
+    record = json.loads((tmp_path / "export" / "stage.json").read_text())
+    assert Path(record["result"]["weights"]) == pair / "model.safetensors"
+    assert main(["benchmark", str(TINY), "--weights", str(pair), "--onnx", str(tmp_path / "export" / "model.onnx"),
+                 "--workdir", str(run_folder), "--out", str(tmp_path / "bench"), "tracking.enabled=false",
+                 "benchmark.batch_sizes=[1]", "benchmark.iterations=2", "benchmark.warmup=1", "benchmark.rounds=1",
+                 "benchmark.torch_compile=false", "benchmark.concurrency=[]"]) == 0, capsys.readouterr().err
+    assert Path(json.loads((tmp_path / "bench" / "bench.json").read_text())["weights"]) == pair / "model.safetensors"
+
+
 def test_a_tracked_run_ends_once_with_the_status_its_work_ended_in(tmp_path, monkeypatch):
     """stages.training.tracked_run, the one place (the CLI's stage commands, `vitpipe run`'s parent
     and child runs, a resumed training stage) that ends an MLflow run."""

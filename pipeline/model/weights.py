@@ -88,6 +88,12 @@ def _pair_paths(path: str | Path) -> tuple[Path, Path]:
     raise ValueError(f"{path}: expected a weights-pair directory, a .safetensors or a .json file")
 
 
+def weights_file(path: str | Path) -> Path:
+    """The .safetensors of the weights pair `path` names: its folder, its .safetensors or its .json
+    (what `--weights` accepts), so a stage fingerprints and hashes the tensors file, never a folder."""
+    return _pair_paths(path)[0]
+
+
 def _read_json(meta_path: Path) -> Any:
     try:
         return json.loads(meta_path.read_text())
