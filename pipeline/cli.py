@@ -108,7 +108,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        "<out>/model.onnx.json; fails if a variant disagrees with PyTorch on held-out images from "
                        "--manifest beyond its tolerance or loses more than export.max_accuracy_drop points of top-1.")
     _add_common(p)
-    p.add_argument("--weights", type=Path, help="model.safetensors (default <workdir>/finetune/model.safetensors)")
+    p.add_argument("--weights", type=Path, help="weights pair: model.safetensors, model.json or their folder (default: the recipe's last training stage's)")
     p.add_argument("--manifest", help="manifest.json with a val split, its folder, or an s3:// or http(s):// URL "
                    "(default <workdir>/prepare/manifest.json)")
     p.add_argument("--out", type=Path, help="output folder (default <workdir>/export)")
@@ -122,7 +122,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        "provider that cannot run fails, unless benchmark.allow_fallback=true.")
     _add_common(p)
     p.add_argument("--onnx", type=Path, help="model.onnx (default <workdir>/export/model.onnx)")
-    p.add_argument("--weights", type=Path, help="PyTorch baseline weights (default <workdir>/finetune/model.safetensors)")
+    p.add_argument("--weights", type=Path, help="PyTorch baseline weights pair: model.safetensors, model.json or their folder (default: the recipe's last training stage's)")
     p.add_argument("--out", type=Path, help="output folder (default <workdir>/benchmark)")
 
     p = sub.add_parser("import-weights", help="timm / Hugging Face / Google .npz ViT checkpoint -> weights pair",
@@ -277,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"vitpipe: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # --out on a file, a folder where a file belongs, no permission: the path, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        why = {FileExistsError: "is a file; a folder is needed here", NotADirectoryError:
+               "a part of this path is a file, not a folder"}.get(type(e), e.strerror or str(e))
+        print(f"vitpipe: error: {where}{why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vitpipe: interrupted", file=sys.stderr)

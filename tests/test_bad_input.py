@@ -41,6 +41,18 @@ def test_config_error_exits_2_naming_the_key(tmp_path):
     assert not (tmp_path / "runs").exists()  # rejected before any work
 
 
+def test_an_output_folder_that_is_a_file_is_named_without_a_traceback(tmp_path):
+    """--out on a file, or below one: the path and what is wrong, exit 1 (was an OSError traceback)."""
+    afile = tmp_path / "model.onnx"
+    afile.write_text("keep me")
+    for out, why in ((afile, "is a file; a folder is needed here"),
+                     (afile / "sub", "a part of this path is a file, not a folder")):
+        proc = vitpipe("prepare", TINY, *DIGITS, "tracking.enabled=false", "--out", out, cwd=tmp_path)
+        assert proc.returncode == 1 and f"vitpipe: error: {out}: {why}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert afile.read_text() == "keep me"
+
+
 def test_missing_dataset_folder(tmp_path):
     proc = vitpipe("prepare", TINY, "data.source=folder", f"data.root={tmp_path / 'nowhere'}",
                    "tracking.enabled=false", "--out", tmp_path / "out", cwd=tmp_path)
