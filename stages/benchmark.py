@@ -123,7 +123,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     fp = record.fingerprint("benchmark", {**cfg, "registered_model": registered_model},
                             [v.path for v in variants] + data_files + [weights])
     if not force and (done := record.completed(out_dir, fp)):  # no session opened: nothing read but hashes
-        print(f"[benchmark] up to date: {out_dir / 'bench.json'}")
+        print(f"[benchmark] up to date: {(out_dir / 'bench.json').absolute()}")
         return done
     for v in variants:  # a hostile or mismatched file is refused before a session opens it, or old results go
         check_external_data(v.path)
