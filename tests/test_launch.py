@@ -411,6 +411,52 @@ def test_missing_tool_fails_with_install_hint(tmp_path, target, tool, hint):
     assert f"{tool} not found" in proc.stderr and hint in proc.stderr and "--dry-run" in proc.stderr
 
 
+def test_each_stage_submits_under_its_own_name(capsys, tmp_path):
+    """A recipe's finetune, export and benchmark jobs are all batch Jobs: under one name the second
+    collides with the first in the namespace. Pre-training keeps the recipe's name."""
+    names = {}
+    for stage in ("pretrain", "finetune", "export", "benchmark", "run"):
+        extra = ["--nodes", "2"] if stage == "pretrain" else []
+        job = yaml.safe_load(dry_run(capsys, "--target", "k8s", "--stage", stage, *extra, "--workdir", str(tmp_path)))
+        names[stage] = job["metadata"]["name"]
+    assert names == {"pretrain": "vitpipe-tiny", "finetune": "vitpipe-tiny-finetune", "export": "vitpipe-tiny-export",
+                     "benchmark": "vitpipe-tiny-benchmark", "run": "vitpipe-tiny-run"}
+    job = yaml.safe_load(dry_run(capsys, "--target", "k8s", "--stage", "export", "--name", "mine",
+                                 "--workdir", str(tmp_path)))
+    assert job["metadata"]["name"] == "mine"
+
+
+def test_a_job_submitted_twice_is_refused_with_its_name_and_the_ways_out(tmp_path):
+    """kubectl apply of a finished Job with the same spec answers "unchanged" and runs nothing;
+    submit creates, and a name already taken is named with the two ways out. The kubectl here is a
+    stand-in that keeps the names it created (a test of the failure, not of a cluster)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(f"""#!{sys.executable}
+import sys, pathlib, yaml
+assert sys.argv[1:] == ["create", "-f", "-"], sys.argv
+obj = yaml.safe_load(sys.stdin)
+kind, name = obj["kind"], obj["metadata"]["name"]
+seen = pathlib.Path({str(tmp_path / "created")!r})
+known = seen.read_text().split() if seen.exists() else []
+if f"{{kind}}/{{name}}" in known:
+    sys.exit(f'Error from server (AlreadyExists): error when creating "STDIN": jobs.batch "{{name}}" already exists')
+seen.write_text(" ".join(known + [f"{{kind}}/{{name}}"]))
+print(f"job.batch/{{name}} created")
+""")
+    kubectl.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "pipeline", "submit", str(TINY), "--target", "k8s", "--stage", "export",
+           "--workdir", str(tmp_path / "w")]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert first.returncode == 0 and first.stdout.strip() == "vitpipe-tiny-export", first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert "a Job named 'vitpipe-tiny-export' already exists: delete it (kubectl delete job vitpipe-tiny-export) " \
+           "or submit under another name (--name)" in again.stderr, again.stderr
+
+
 def test_ranks_build_with_the_ninja_installed_beside_their_interpreter():
     from pipeline.launch.local import use_this_environments_ninja
 

@@ -49,7 +49,7 @@ def add_submit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", help="manifest.json, its folder or an s3:// / http(s):// URL every node can read "
                    "(default: the recipe's data.output, else <workdir>/prepare/manifest.json)")
     p.add_argument("--hosts", help="hostfile: comma-separated host names, the first is the master")
-    p.add_argument("--name", help="job name (default vitpipe-<recipe name>)")
+    p.add_argument("--name", help="job name (default vitpipe-<recipe name>, with -<stage> for every stage but pretrain)")
     p.add_argument("--image", default="vitpipe:cuda", help="k8s: container image built from docker/Dockerfile.cuda")
     p.add_argument("--time", default="24:00:00", help="slurm: time limit")
     p.add_argument("--partition", help="slurm: partition")
@@ -83,7 +83,10 @@ def spec_from_args(args: argparse.Namespace, cfg=None) -> JobSpec:
 
     cfg = cfg or load_config(args.recipe, args.overrides)  # a typo fails here, before anything is submitted
     workdir = args.workdir or Path("runs") / cfg.name
-    name = args.name or "vitpipe-" + re.sub(r"[^a-z0-9-]+", "-", cfg.name.lower()).strip("-")
+    # one name per stage (pre-training keeps the recipe's): a recipe's finetune, export and benchmark
+    # jobs are all batch Jobs, and one name for them collides in the namespace
+    base = "vitpipe-" + re.sub(r"[^a-z0-9-]+", "-", cfg.name.lower()).strip("-")
+    name = args.name or (base if args.stage == "pretrain" else f"{base}-{args.stage}")
     return JobSpec(
         recipe=args.recipe, overrides=list(args.overrides), workdir=str(workdir), stage=args.stage, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, name=name, rdzv_endpoint=args.rdzv, rdzv_backend=args.rdzv_backend,

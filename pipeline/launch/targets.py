@@ -450,7 +450,7 @@ def k8s_kind(spec: JobSpec) -> str:
 
 
 def render_k8s(spec: JobSpec) -> str:
-    """The PyTorchJob, or for a command job the batch Job, as YAML (what ``kubectl apply -f -`` receives)."""
+    """The PyTorchJob, or for a command job the batch Job, as YAML (what ``kubectl create -f -`` receives)."""
     import yaml
 
     return yaml.safe_dump(command_job_manifest(spec) if spec.command_job else pytorchjob_manifest(spec),
@@ -542,9 +542,14 @@ def submit(spec: JobSpec, target: str, node_rank: int | None = None) -> dict:
                 "error": err.replace("%x", spec.name).replace("%j", job_id)}
     elif target == "k8s":
         kubectl = require_tool(SUBMIT_TOOLS[target])
-        proc = subprocess.run([kubectl, "apply", "-f", "-"], input=render_k8s(spec), capture_output=True, text=True)
+        # create, not apply: apply of a finished Job with the same spec answers "unchanged" and runs
+        # nothing, and of one with another spec fails on its immutable pod template
+        proc = subprocess.run([kubectl, "create", "-f", "-"], input=render_k8s(spec), capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SubmitError(f"kubectl apply failed (exit {proc.returncode}): {proc.stderr.strip()}")
+            kind = k8s_kind(spec)
+            hint = (f"; a {kind} named {spec.name!r} already exists: delete it (kubectl delete {kind.lower()} "
+                    f"{spec.name}) or submit under another name (--name)") if "AlreadyExists" in proc.stderr else ""
+            raise SubmitError(f"kubectl create failed (exit {proc.returncode}): {proc.stderr.strip()}{hint}")
         info = {"target": target, "name": spec.name, "job_id": spec.name, "kind": k8s_kind(spec),
                 "kubectl": proc.stdout.strip()}
     elif target == "hostfile":
