@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.config import (FINETUNE_MODEL_FIELDS, ModelConfig, TrainConfig, finetune_model_config,
                              train_fingerprint_fields, validate_image_size)
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
+from pipeline.data.plan import check_train_plan
 from pipeline.model.importers import resolve_init
 from pipeline.model.weights import check_weights_pair
 from pipeline.run_layout import weights_file as pair_weights_file, weights_meta_file
@@ -39,6 +40,7 @@ def run(train: TrainConfig, manifest: str | Path, init_from: str | Path, out_dir
     # Fail fast, before any process starts: a bad manifest, a file that is not a weights pair, a
     # checkpoint whose tensors do not fit its architecture, a resolution its patch size cannot take.
     verify_manifest(m, check_hashes=train.verify_shards == "full", train_base_url=train.shard_base_url)
+    check_train_plan(m, train, keys="finetune.")  # shards enough for ranks x workers
     # Before fingerprinting: the stage's input is the imported pair, keyed by the source's hash.
     init_from = resolve_init(init_from, out_dir.parent / "imported")
     # Only the pair's metadata and tensor shapes: the ranks load and resample the weights, once.

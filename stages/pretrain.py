@@ -16,6 +16,7 @@ from pipeline.atomic import write_json
 
 from pipeline.config import ModelConfig, TrainConfig, train_fingerprint_fields
 from pipeline.data.manifest import load_manifest, manifest_location, verify_manifest
+from pipeline.data.plan import check_train_plan
 from pipeline.run_layout import RESULT_FILE, SUBMITTED_FILE, weights_file, weights_meta_file
 from pipeline.track import MLflowTracker, NullTracker, Tracker, continue_previous_run
 from pipeline.train.job import TrainJob
@@ -34,8 +35,9 @@ def build_job(model: ModelConfig, train: TrainConfig, manifest: str | Path, out_
 def _plan(model: ModelConfig, train: TrainConfig, manifest: str) -> tuple[dict, dict, str, dict]:
     """(params logged, fingerprinted config, fingerprint, flat settings) of a pre-training stage."""
     # Fail fast, naming the file, before any process starts (for a URL manifest: a HEAD per shard).
-    verify_manifest(load_manifest(manifest), check_hashes=train.verify_shards == "full",
-                    train_base_url=train.shard_base_url)
+    m = load_manifest(manifest)
+    verify_manifest(m, check_hashes=train.verify_shards == "full", train_base_url=train.shard_base_url)
+    check_train_plan(m, train, keys="pretrain.")  # shards enough for ranks x workers
     cfg = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
     fingerprinted = {**cfg, "train": train_fingerprint_fields(train)}
     return cfg, fingerprinted, record.fingerprint("pretrain", fingerprinted, [manifest]), \

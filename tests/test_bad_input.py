@@ -93,6 +93,35 @@ def test_truncated_shard_stops_pretrain_before_training(tmp_path, prepared):
     assert not (tmp_path / "pre" / "stage.json").exists()
 
 
+def test_too_few_shards_for_the_ranks_are_refused_before_any_rank_starts(tmp_path):
+    """One train shard cannot feed two ranks: the launcher says so at once, with the fixes in the
+    recipe's own keys, where the ranks used to find it after ~45 s of start-up (a user's folder of
+    80 photos hit it). The same check answers for finetune, in finetune's keys."""
+    from pipeline.config import load_config
+    from pipeline.data.errors import DataError
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.plan import check_train_plan
+
+    prep = vitpipe("prepare", TINY, *DIGITS[:2], "data.shard_max_samples=1000", "tracking.enabled=false",
+                   "--out", tmp_path / "prep", cwd=tmp_path)
+    assert prep.returncode == 0, prep.stderr
+    manifest = tmp_path / "prep" / "manifest.json"
+    proc = vitpipe("pretrain", TINY, *DIGITS[:2], "tracking.enabled=false", "--manifest", manifest,
+                   "--out", tmp_path / "pre", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert (f"{manifest}: 1 train shard(s) cannot feed 2 rank(s) x 1 loader worker(s): need at least 2 shards. "
+            "Re-run prepare with data.shard_max_samples <= 90, use fewer pretrain.workers, or set "
+            "pretrain.sampling=auto") in proc.stderr
+    assert not (tmp_path / "pre" / "train.log").exists() and not (tmp_path / "pre" / "job.json").exists()
+    cfg = load_config(TINY, [*DIGITS[:2]])
+    with pytest.raises(DataError, match="use fewer finetune.workers, or set finetune.sampling=auto"):
+        check_train_plan(load_manifest(manifest), cfg.finetune, keys="finetune.")
+    auto = load_config(TINY, [*DIGITS[:2], "finetune.sampling=auto", "finetune.micro_batch=500"])
+    with pytest.raises(DataError, match="fewer than micro_batch=500 samples per stream; lower finetune.micro_batch"):
+        check_train_plan(load_manifest(manifest), auto.finetune, keys="finetune.")
+    check_train_plan(load_manifest(manifest), load_config(TINY, ["finetune.sampling=auto"]).finetune, keys="finetune.")
+
+
 def test_manifest_whose_hash_disagrees(tmp_path, prepared):
     info = json.loads(prepared.read_text())
     info["splits"]["train"]["shards"][0]["sha256"] = "0" * 64

@@ -3,7 +3,7 @@
 The order, bottom first (docs/architecture.md draws it):
 
     errors -> shard_format -> storage -> manifest -> sources -> shards -> prepare
-           -> transforms -> stream -> eval_stream
+           -> transforms -> plan -> stream -> eval_stream
 
 Every module of the folder must have a place in it (a new module is placed here on purpose), and
 no data module imports inside a function what it could not import at the top: that is how the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "pipeline" / "data"
 ORDER = ["errors", "shard_format", "storage", "manifest", "sources", "shards", "prepare",
-         "transforms", "stream", "eval_stream"]
+         "transforms", "plan", "stream", "eval_stream"]
 # what data/ may never import: the layers above it, and the tools built on it
 ABOVE = ("stages", "tools", "pipeline.cli", "pipeline.train", "pipeline.export", "pipeline.eval",
          "pipeline.track", "pipeline.model")

@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,79 +44,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.plan import EpochPlan, plan_epoch, resampled_split
 from pipeline.data.shard_format import ImageRefused, ShardSample, decode_image, read_shard
 from pipeline.data.storage import open_url
 from pipeline.launch.lifetime import die_with_parent
 from pipeline.memory import tune_malloc
 
 _PREFETCH = 2  # batches each loader worker keeps in flight (the DataLoader's prefetch_factor)
-
-
-# --------------------------------------------------------------------------- the plan of an epoch
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which shards each stream reads in one epoch, and how many batches every stream yields."""
-
-    epoch: int
-    streams: list[list[int]]
-    """Shard indices per stream; stream id = rank * workers + worker."""
-    stream_samples: list[int]
-    batches_per_stream: int
-    allowance: list[int]
-    """Corrupt samples each stream may skip before the job stops."""
-    dropped: int
-    """Training samples not seen this epoch (so that every rank runs the same number of steps)."""
-
-
-def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, world_size: int, workers: int, micro_batch: int,
-               max_corrupt_fraction: float = 0.0, resampled: bool = False, where: str = "manifest") -> EpochPlan:
-    """The deterministic plan of `epoch`; raises DataError when the shards cannot feed every stream."""
-    nstreams = world_size * max(1, workers)
-    total = sum(counts)
-    if resampled:
-        nominal = total // nstreams
-        streams: list[list[int]] = []
-        for s in range(nstreams):
-            rng = random.Random(f"{seed}:{epoch}:{s}:resampled")
-            want = nominal + math.ceil(max_corrupt_fraction * nominal)
-            picked, have = [], 0
-            while have < max(want, 1):
-                i = rng.randrange(len(counts))
-                picked.append(i)
-                have += counts[i]
-            streams.append(picked)
-    else:
-        if len(counts) < nstreams:
-            raise DataError(
-                f"{where}: {len(counts)} train shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} "
-                f"loader worker(s): need at least {nstreams} shards. Re-run prepare with "
-                f"data.shard_max_samples <= {max(1, total // nstreams)}, use fewer workers, or set "
-                "sampling=resampled"
-            )
-        order = list(range(len(counts)))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        streams = [[] for _ in range(nstreams)]
-        loads = [0] * nstreams
-        # Largest first into the least-loaded stream: near-equal streams, deterministic ties.
-        for i in sorted(order, key=lambda i: -counts[i]):
-            s = min(range(nstreams), key=lambda s: (loads[s], s))
-            streams[s].append(i)
-            loads[s] += counts[i]
-        for s in streams:  # read order within a stream follows the epoch's shuffle
-            s.sort(key=order.index)
-    stream_samples = [sum(counts[i] for i in s) for s in streams]
-    if resampled:
-        stream_samples = [min(n, total // nstreams + math.ceil(max_corrupt_fraction * (total // nstreams)))
-                          for n in stream_samples]
-    allowance = [math.floor(max_corrupt_fraction * n) for n in stream_samples]
-    n = min((c - a) // micro_batch for c, a in zip(stream_samples, allowance))
-    if n < 1:
-        raise DataError(f"{where}: {total} training samples over {nstreams} streams (ranks x workers) leave "
-                        f"fewer than micro_batch={micro_batch} samples per stream; lower micro_batch or workers")
-    used = n * micro_batch * nstreams
-    return EpochPlan(epoch, streams, stream_samples, n, allowance, max(0, total - used) if not resampled else 0)
 
 
 # --------------------------------------------------------------------------- one stream
@@ -456,7 +390,7 @@ def train_stream(manifest: Manifest | str | Path, *, transform: Callable, micro_
         raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
     records = manifest.shards("train")
     nstreams = world_size * max(1, workers)
-    resampled = sampling == "resampled" or (sampling == "auto" and len(records) < nstreams)
+    resampled = resampled_split(sampling, len(records), nstreams)
     settings = StreamSettings(
         urls=shard_urls(manifest, "train", base_url), names=[r["name"] for r in records], records=records,
         num_classes=manifest.num_classes, transform=transform, micro_batch=micro_batch, world_size=world_size,
