@@ -29,7 +29,7 @@ from pipeline.export.onnx_export import INPUT_NAME
 from pipeline.export.onnx_file_checks import check_external_data, check_input_shape
 from pipeline.export.providers import GPU_PROVIDERS, default_providers, onnxruntime_package
 from pipeline.tables import format_table
-from pipeline.model.weights import check_model_classes, model_from_pair, weights_file
+from pipeline.model.weights import check_model_classes, model_from_pair, pair_paths
 from pipeline.track import NullTracker, Tracker, model_requirements, register_onnx_model
 from stages import record
 from stages.lineage import content_sha256
@@ -107,7 +107,7 @@ def run(bench: BenchmarkConfig, onnx_path: str | Path | Sequence[str | Path], we
     """Benchmark the variants against PyTorch on `weights`; register the first variant as
     `registered_model` when given and tracking is on; return what bench.json holds."""
     tracker = tracker or NullTracker()
-    out_dir, weights = Path(out_dir), weights_file(weights)  # the pair's folder or .json: its .safetensors
+    out_dir, weights = Path(out_dir), pair_paths(weights)[0]  # the pair's folder or .json: its .safetensors
     variants = find_variants(onnx_path, bench.variants)
     if (exported := variants[0].path.with_name(variants[0].path.name + ".json")).is_file():  # the ONNX model's classes
         info = json.loads(exported.read_text())

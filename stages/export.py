@@ -30,7 +30,7 @@ from pipeline.eval.plots import plot_variant_accuracy
 from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_opset, compare_logits, onnx_logits, torch_logits
 from pipeline.export.variants import (graph_summary, labelled_images, measure_variant,
                                       preprocessing_metadata, write_variants)
-from pipeline.model.weights import check_model_classes, model_from_pair, weights_file
+from pipeline.model.weights import check_model_classes, model_from_pair, pair_paths
 from pipeline.progress import Progress
 from pipeline.run_layout import VARIANTS_PLOT
 from pipeline.track import NullTracker, Tracker
@@ -87,7 +87,7 @@ def run(export: ExportConfig, weights: str | Path, manifest: str | Path, out_dir
     tracker = tracker or NullTracker()
     check_opset(export.opset)  # before any work: an opset the exporter or the runtime cannot honour
     out_dir = Path(out_dir)
-    weights = weights_file(weights)  # the pair's folder or .json: its .safetensors
+    weights = pair_paths(weights)[0]  # the pair's folder or .json: its .safetensors
     manifest = manifest_location(manifest)  # an absolute path, or the manifest's URL
     # a missing or malformed manifest fails here, naming it; so does one with other classes than the model's
     check_model_classes(weights, load_manifest(manifest).class_names, str(manifest))

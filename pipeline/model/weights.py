@@ -77,7 +77,9 @@ def save_weights_pair(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
     return weights
 
 
-def _pair_paths(path: str | Path) -> tuple[Path, Path]:
+def pair_paths(path: str | Path) -> tuple[Path, Path]:
+    """(.safetensors, .json) of the weights pair `path` names: its folder, its .safetensors or its
+    .json (what `--weights` accepts), so a stage fingerprints and hashes the files, never a folder."""
     path = Path(path)
     if path.is_dir():
         return path / WEIGHTS_NAME, path / META_NAME
@@ -86,12 +88,6 @@ def _pair_paths(path: str | Path) -> tuple[Path, Path]:
     if path.suffix == ".json":
         return path.with_suffix(".safetensors"), path
     raise ValueError(f"{path}: expected a weights-pair directory, a .safetensors or a .json file")
-
-
-def weights_file(path: str | Path) -> Path:
-    """The .safetensors of the weights pair `path` names: its folder, its .safetensors or its .json
-    (what `--weights` accepts), so a stage fingerprints and hashes the tensors file, never a folder."""
-    return _pair_paths(path)[0]
 
 
 def _read_json(meta_path: Path) -> Any:
@@ -103,7 +99,7 @@ def _read_json(meta_path: Path) -> Any:
 
 def _read_pair_meta(path: str | Path) -> tuple[Path, dict]:
     """(weights file, meta) of a weights pair, its metadata checked; the tensors are not read."""
-    weights, meta_path = _pair_paths(path)
+    weights, meta_path = pair_paths(path)
     for p in (weights, meta_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: weights-pair file not found (a pair is {WEIGHTS_NAME} + {META_NAME})")
@@ -131,7 +127,7 @@ def check_model_classes(weights: str | Path, class_names: Optional[Sequence[str]
                         num_classes: Optional[int] = None) -> None:
     """Raise ValueError unless the weights pair predicts `class_names` (those of `against`, e.g. a
     dataset), in order; where either side has no names, at least their number (`num_classes`) must agree."""
-    meta_path = _pair_paths(weights)[1]
+    meta_path = pair_paths(weights)[1]
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: weights-pair file not found (a pair is {WEIGHTS_NAME} + {META_NAME})")
     meta = _read_json(meta_path)
@@ -225,7 +221,7 @@ def model_from_pair(
     if pos_embed_init not in INITS:
         raise ValueError(f"pos_embed_init: {pos_embed_init!r} is not supported; use one of {', '.join(INITS)}")
     state_dict, meta = read_weights_pair(path)
-    weights_file = _pair_paths(path)[0]
+    weights_file = pair_paths(path)[0]
     try:
         cfg = model_config_from_meta(meta)
     except ValueError as e:
